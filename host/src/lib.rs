@@ -1,1 +1,15 @@
+//! The Sluice engine: direct-Kafka micro-batches through sandboxed Wasm plugins.
+//!
+//! A job reads Kafka partitions in batches whose offset ranges are fixed before fetching
+//! ([`source`]), runs each partition's slice through a plugin component ([`runtime`]) on a
+//! bounded pool ([`engine`]), delivers the outputs ([`sinks`]) and only then commits the
+//! offsets. [`config`] holds the job's options; [`cli`] the `host` command line.
 
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod runtime;
+pub mod sinks;
+pub mod source;

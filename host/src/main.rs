@@ -1,1 +1,62 @@
-fn main() {}
+//! `host`: the Sluice command-line binary.
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser as _;
+use sluice_host::broker::DevBroker;
+use sluice_host::cli::{Cli, Command, DevBrokerArgs, RunArgs};
+use sluice_host::config::{JobConfig, JobOptions};
+use sluice_host::engine::{Engine, Shutdown};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line naming the thing and the problem; the cause chain is joined with ": ".
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Demo(args) => sluice_host::demo::run(args).await,
+            Command::DevBroker(args) => dev_broker(args).await,
+        }
+    })
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => JobOptions::from_file(path)?,
+        None => JobOptions::default(),
+    };
+    let job = JobConfig::from_options(args.options.over(file))?;
+    let engine = tokio::task::block_in_place(|| Engine::start(job))?;
+    engine.run(Shutdown::on_signals()).await?;
+    Ok(())
+}
+
+async fn dev_broker(args: DevBrokerArgs) -> Result<()> {
+    let broker = DevBroker::start(args.brokers, &args.topics)?;
+    // The address alone on stdout, so scripts can read it with one `read`.
+    println!("{}", broker.bootstrap_servers());
+    eprintln!("mock Kafka cluster serving at {}; stop with Ctrl-C", broker.bootstrap_servers());
+    let mut shutdown = Shutdown::on_signals();
+    shutdown.requested().await;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! The `host` command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::JobOptions;
+use crate::demo::DemoArgs;
+
+/// Sluice: Kafka stream processing in micro-batches, with user logic as sandboxed WebAssembly.
+#[derive(Debug, Parser)]
+#[command(name = "host", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a job: read Kafka topics in micro-batches through a Wasm plugin.
+    Run(RunArgs),
+    /// Try Sluice in one command: the seeds' ETL on an in-process Kafka mock cluster.
+    Demo(DemoArgs),
+    /// Serve a Kafka mock cluster on loopback until stopped, printing its bootstrap address.
+    DevBroker(DevBrokerArgs),
+}
+
+/// Options of `host run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Job file (TOML) setting any of the options below; flags given here override it.
+    #[arg(long, short = 'c', env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub options: JobOptions,
+}
+
+/// Options of `host dev-broker`.
+#[derive(Debug, Args)]
+pub struct DevBrokerArgs {
+    /// Number of brokers in the cluster.
+    #[arg(long, default_value_t = 1)]
+    pub brokers: i32,
+    /// A topic to create, as NAME:PARTITIONS (repeatable). Others appear on first use with
+    /// 4 partitions.
+    #[arg(long = "topic", value_name = "NAME:PARTITIONS", value_parser = crate::broker::parse_topic_spec)]
+    pub topics: Vec<(String, i32)>,
+}

@@ -1,0 +1,423 @@
+//! Job configuration: one set of options, settable as `host run` flags or in a TOML job file.
+//!
+//! Precedence, highest first: command-line flags (and their `SLUICE_*` environment variables),
+//! then the job file given with `--config`, then the defaults below. Lists given as flags
+//! replace the file's list; key/value options (`--kafka`, `--plugin-config`, `--start`) merge
+//! key by key, flags winning.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use rdkafka::ClientConfig;
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+
+use crate::source::{AutoOffsetReset, TopicPartition};
+
+/// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+/// Batch interval when none is given.
+pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long unreachable brokers are retried when no `--broker-timeout` is given.
+pub const DEFAULT_BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kafka client properties the host sets itself; letting `--kafka` override them would break
+/// direct mode (offsets are committed only after delivery, positions are chosen by the host).
+const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use --brokers"),
+    ("group.id", "use --group"),
+    ("enable.auto.commit", "Sluice commits offsets itself, after output is delivered"),
+    ("enable.auto.offset.store", "Sluice commits offsets itself, after output is delivered"),
+    ("auto.offset.reset", "use --auto-offset-reset"),
+];
+
+/// Every option of a job. Each field is both a `host run` flag and a job-file key.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct JobOptions {
+    /// The plugin: a Wasm component built for wasm32-wasip2 (in a job file, relative to the file).
+    #[arg(long, env = "SLUICE_PLUGIN", value_name = "PATH")]
+    pub plugin: Option<PathBuf>,
+
+    /// Configuration passed to the plugin's `init`, as KEY=VALUE (repeatable).
+    #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    #[serde(default, deserialize_with = "pairs_from_table")]
+    pub plugin_config: Vec<(String, String)>,
+
+    /// Kafka bootstrap servers, comma-separated [default: 127.0.0.1:9092].
+    #[arg(long, env = "SLUICE_BROKERS", value_name = "HOST:PORT,...")]
+    pub brokers: Option<String>,
+
+    /// A topic to read (repeatable; job file: `topics = [...]`).
+    #[arg(long = "topic", value_name = "TOPIC")]
+    #[serde(default)]
+    pub topics: Vec<String>,
+
+    /// Read every topic whose whole name matches this regular expression.
+    #[arg(long, env = "SLUICE_TOPIC_PATTERN", value_name = "REGEX")]
+    pub topic_pattern: Option<String>,
+
+    /// Consumer group the job commits its offsets to (so standard tooling shows its lag).
+    #[arg(long, env = "SLUICE_GROUP")]
+    pub group: Option<String>,
+
+    /// Time between batches, e.g. `2s`, `500ms` [default: 2s].
+    #[arg(long, env = "SLUICE_BATCH_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub batch_interval: Option<Duration>,
+
+    /// Topic for the plugin's outputs that do not name a topic of their own.
+    #[arg(long, env = "SLUICE_OUTPUT_TOPIC", value_name = "TOPIC")]
+    pub output_topic: Option<String>,
+
+    /// Print the first N outputs of each batch to stdout under a `Time: <batch time> ms`
+    /// header, like Spark's `DStream.print()`.
+    #[arg(long, env = "SLUICE_PRINT", value_name = "N")]
+    pub print: Option<usize>,
+
+    /// A librdkafka property for the job's Kafka clients, as KEY=VALUE (repeatable), like
+    /// Spark's kafkaParams; e.g. `--kafka fetch.wait.max.ms=100`.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    #[serde(default, deserialize_with = "pairs_from_table")]
+    pub kafka: Vec<(String, String)>,
+
+    /// Start a partition at this offset, as TOPIC:PARTITION=OFFSET (repeatable); beats the
+    /// group's committed offset, like `consumer.seek` in the seeds.
+    #[arg(long, value_name = "TOPIC:PARTITION=OFFSET", value_parser = parse_start)]
+    #[serde(default, deserialize_with = "starts_from_table")]
+    pub start: Vec<(TopicPartition, i64)>,
+
+    /// Where partitions without a committed offset start [default: latest].
+    #[arg(long, env = "SLUICE_AUTO_OFFSET_RESET", value_enum)]
+    pub auto_offset_reset: Option<AutoOffsetReset>,
+
+    /// Stop after this many batches.
+    #[arg(long, env = "SLUICE_MAX_BATCHES", value_name = "N")]
+    pub max_batches: Option<u64>,
+
+    /// Stop after the first batch that leaves every partition at its high watermark (backfills,
+    /// scripted runs).
+    #[arg(long, env = "SLUICE_STOP_WHEN_CAUGHT_UP")]
+    #[serde(default)]
+    pub stop_when_caught_up: bool,
+
+    /// Partition tasks processed at once, each on its own plugin instance [default: CPU count].
+    #[arg(long, env = "SLUICE_PARALLELISM", value_name = "N")]
+    pub parallelism: Option<usize>,
+
+    /// How long to keep retrying brokers that cannot be reached before giving up [default: 30s].
+    #[arg(long, env = "SLUICE_BROKER_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub broker_timeout: Option<Duration>,
+}
+
+impl JobOptions {
+    /// Reads a job file. Unknown keys are an error naming the key.
+    pub fn from_file(path: &Path) -> Result<JobOptions> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+        let mut options: JobOptions =
+            toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
+        // A plugin path in a file is relative to the file, so a job directory can move as a whole.
+        if let (Some(plugin), Some(dir)) = (&options.plugin, path.parent()) {
+            options.plugin = Some(dir.join(plugin));
+        }
+        Ok(options)
+    }
+
+    /// These options (flags) layered over `file`.
+    pub fn over(self, file: JobOptions) -> JobOptions {
+        fn list<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
+            if flags.is_empty() { file } else { flags }
+        }
+        fn pairs<K: Ord, V>(file: Vec<(K, V)>, flags: Vec<(K, V)>) -> Vec<(K, V)> {
+            let merged: BTreeMap<K, V> = file.into_iter().chain(flags).collect();
+            merged.into_iter().collect()
+        }
+        JobOptions {
+            plugin: self.plugin.or(file.plugin),
+            plugin_config: pairs(file.plugin_config, self.plugin_config),
+            brokers: self.brokers.or(file.brokers),
+            topics: list(self.topics, file.topics),
+            topic_pattern: self.topic_pattern.or(file.topic_pattern),
+            group: self.group.or(file.group),
+            batch_interval: self.batch_interval.or(file.batch_interval),
+            output_topic: self.output_topic.or(file.output_topic),
+            print: self.print.or(file.print),
+            kafka: pairs(file.kafka, self.kafka),
+            start: pairs(file.start, self.start),
+            auto_offset_reset: self.auto_offset_reset.or(file.auto_offset_reset),
+            max_batches: self.max_batches.or(file.max_batches),
+            stop_when_caught_up: self.stop_when_caught_up || file.stop_when_caught_up,
+            parallelism: self.parallelism.or(file.parallelism),
+            broker_timeout: self.broker_timeout.or(file.broker_timeout),
+        }
+    }
+}
+
+/// Which topics a job reads.
+#[derive(Debug, Clone)]
+pub enum Topics {
+    /// These topics, by name.
+    Named(Vec<String>),
+    /// Every topic whose whole name matches.
+    Pattern(Regex),
+}
+
+/// A complete, validated job: what the engine runs.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub plugin: PathBuf,
+    pub plugin_config: Vec<(String, String)>,
+    pub brokers: String,
+    pub topics: Topics,
+    pub group: String,
+    pub batch_interval: Duration,
+    pub output_topic: Option<String>,
+    pub print: Option<usize>,
+    pub kafka: Vec<(String, String)>,
+    pub start: BTreeMap<TopicPartition, i64>,
+    pub auto_offset_reset: AutoOffsetReset,
+    pub max_batches: Option<u64>,
+    pub stop_when_caught_up: bool,
+    pub parallelism: usize,
+    pub broker_timeout: Duration,
+}
+
+impl JobConfig {
+    /// Validates merged options and fills in defaults.
+    pub fn from_options(options: JobOptions) -> Result<JobConfig> {
+        let plugin = options.plugin.context("no plugin given: pass --plugin PATH or set `plugin` in the job file")?;
+        let topics = match (options.topics.is_empty(), options.topic_pattern) {
+            (false, None) => Topics::Named(options.topics),
+            (true, Some(pattern)) => Topics::Pattern(
+                Regex::new(&format!("^(?:{pattern})$")).with_context(|| format!("invalid --topic-pattern {pattern:?}"))?,
+            ),
+            (true, None) => bail!("no topics to read: pass --topic NAME or --topic-pattern REGEX"),
+            (false, Some(_)) => bail!("--topic and --topic-pattern are exclusive: give one or the other"),
+        };
+        let group = options.group.context("no consumer group given: pass --group NAME")?;
+        let batch_interval = options.batch_interval.unwrap_or(DEFAULT_BATCH_INTERVAL);
+        if batch_interval.is_zero() {
+            bail!("--batch-interval must be longer than zero");
+        }
+        for (key, _) in &options.kafka {
+            if let Some((_, why)) = MANAGED_KAFKA_PROPERTIES.iter().find(|(managed, _)| managed == key) {
+                bail!("kafka property `{key}` cannot be set with --kafka: {why}");
+            }
+        }
+        if options.parallelism == Some(0) {
+            bail!("--parallelism must be at least 1");
+        }
+        let parallelism = options
+            .parallelism
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(JobConfig {
+            plugin,
+            plugin_config: options.plugin_config,
+            brokers: options.brokers.unwrap_or_else(|| DEFAULT_BROKERS.into()),
+            topics,
+            group,
+            batch_interval,
+            output_topic: options.output_topic,
+            print: options.print.filter(|n| *n > 0),
+            kafka: options.kafka,
+            start: options.start.into_iter().collect(),
+            auto_offset_reset: options.auto_offset_reset.unwrap_or_default(),
+            max_batches: options.max_batches,
+            stop_when_caught_up: options.stop_when_caught_up,
+            parallelism,
+            broker_timeout: options.broker_timeout.unwrap_or(DEFAULT_BROKER_TIMEOUT),
+        })
+    }
+
+    /// The base configuration of every Kafka client the job creates: the brokers plus the
+    /// user's `--kafka` properties.
+    pub fn kafka_client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.kafka {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String)> {
+    let (key, value) = text.split_once('=').with_context(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    if key.is_empty() {
+        bail!("expected KEY=VALUE, got {text:?} (empty key)");
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn parse_start(text: &str) -> Result<(TopicPartition, i64)> {
+    let (partition, offset) =
+        text.rsplit_once('=').with_context(|| format!("expected TOPIC:PARTITION=OFFSET, got {text:?}"))?;
+    let offset = offset
+        .parse::<i64>()
+        .ok()
+        .filter(|o| *o >= 0)
+        .with_context(|| format!("offset in {text:?} is not a non-negative number"))?;
+    Ok((partition.parse()?, offset))
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"2s\" or \"500ms\": {e}")))
+}
+
+/// A TOML scalar, kept as the text a Kafka property or plugin parameter takes.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn into_text(self) -> String {
+        match self {
+            Scalar::Text(text) => text,
+            Scalar::Integer(n) => n.to_string(),
+            Scalar::Float(x) => x.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+fn pairs_from_table<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<(String, String)>, D::Error> {
+    let table = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(table.into_iter().map(|(key, value)| (key, value.into_text())).collect())
+}
+
+fn starts_from_table<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<(TopicPartition, i64)>, D::Error> {
+    let table = BTreeMap::<String, i64>::deserialize(deserializer)?;
+    table
+        .into_iter()
+        .map(|(partition, offset)| Ok((partition.parse().map_err(serde::de::Error::custom)?, offset)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<JobOptions> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text)?;
+        JobOptions::from_file(&path)
+    }
+
+    #[test]
+    fn a_job_file_sets_every_option() {
+        let options = file(
+            r#"
+            plugin = "etl.wasm"
+            brokers = "10.0.0.1:9092"
+            topics = ["a", "b"]
+            group = "etl"
+            batch-interval = "500ms"
+            output-topic = "out"
+            print = 5
+            auto-offset-reset = "earliest"
+            max-batches = 3
+            stop-when-caught-up = true
+            parallelism = 4
+            broker-timeout = "1m"
+            [kafka]
+            "fetch.wait.max.ms" = 100
+            [start]
+            "a:0" = 42
+            [plugin-config]
+            timezone = "Asia/Shanghai"
+            "#,
+        )
+        .unwrap();
+        assert!(options.plugin.as_ref().unwrap().ends_with("etl.wasm"));
+        let job = JobConfig::from_options(options).unwrap();
+        assert_eq!(job.brokers, "10.0.0.1:9092");
+        assert!(matches!(&job.topics, Topics::Named(t) if t == &["a", "b"]));
+        assert_eq!(job.batch_interval, Duration::from_millis(500));
+        assert_eq!(job.print, Some(5));
+        assert_eq!(job.kafka, [("fetch.wait.max.ms".to_string(), "100".to_string())]);
+        assert_eq!(job.start[&TopicPartition::new("a", 0)], 42);
+        assert_eq!(job.plugin_config, [("timezone".to_string(), "Asia/Shanghai".to_string())]);
+        assert_eq!(job.auto_offset_reset, AutoOffsetReset::Earliest);
+        assert_eq!((job.max_batches, job.stop_when_caught_up, job.parallelism), (Some(3), true, 4));
+        assert_eq!(job.broker_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let error = format!("{:#}", file("plugin = \"x.wasm\"\nbatch-intervall = \"2s\"\n").unwrap_err());
+        assert!(error.contains("unknown field `batch-intervall`"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_merge_key_values() {
+        let from_file = file(
+            "plugin = \"a.wasm\"\ntopics = [\"a\"]\ngroup = \"g\"\n[kafka]\n\"x\" = \"file\"\n\"y\" = \"file\"\n",
+        )
+        .unwrap();
+        let flags = JobOptions {
+            topics: vec!["b".into()],
+            kafka: vec![("y".into(), "flag".into())],
+            batch_interval: Some(Duration::from_secs(5)),
+            ..JobOptions::default()
+        };
+        let job = JobConfig::from_options(flags.over(from_file)).unwrap();
+        assert!(matches!(&job.topics, Topics::Named(t) if t == &["b"]));
+        assert_eq!(job.kafka, [("x".into(), "file".into()), ("y".into(), "flag".into())]);
+        assert_eq!(job.batch_interval, Duration::from_secs(5));
+        assert_eq!(job.group, "g");
+    }
+
+    #[test]
+    fn defaults_follow_kafka() {
+        let options = JobOptions {
+            plugin: Some("p.wasm".into()),
+            topics: vec!["t".into()],
+            group: Some("g".into()),
+            ..JobOptions::default()
+        };
+        let job = JobConfig::from_options(options).unwrap();
+        assert_eq!(job.auto_offset_reset, AutoOffsetReset::Latest);
+        assert_eq!(job.batch_interval, DEFAULT_BATCH_INTERVAL);
+        assert_eq!(job.brokers, DEFAULT_BROKERS);
+    }
+
+    #[test]
+    fn incomplete_or_conflicting_jobs_are_refused() {
+        let base = || JobOptions {
+            plugin: Some("p.wasm".into()),
+            topics: vec!["t".into()],
+            group: Some("g".into()),
+            ..JobOptions::default()
+        };
+        let error = |options: JobOptions| JobConfig::from_options(options).unwrap_err().to_string();
+        assert!(error(JobOptions { plugin: None, ..base() }).contains("no plugin"));
+        assert!(error(JobOptions { topics: vec![], ..base() }).contains("no topics"));
+        assert!(error(JobOptions { topic_pattern: Some("x".into()), ..base() }).contains("exclusive"));
+        assert!(error(JobOptions { group: None, ..base() }).contains("--group"));
+        assert!(
+            error(JobOptions { kafka: vec![("enable.auto.commit".into(), "true".into())], ..base() })
+                .contains("`enable.auto.commit` cannot be set")
+        );
+    }
+
+    #[test]
+    fn flag_values_parse() {
+        assert_eq!(parse_key_value("a.b=c=d").unwrap(), ("a.b".into(), "c=d".into()));
+        assert!(parse_key_value("novalue").is_err());
+        assert_eq!(parse_start("in:2=40").unwrap(), (TopicPartition::new("in", 2), 40));
+        assert!(parse_start("in:2").is_err());
+        assert!(parse_start("in=4").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! Where a batch's outputs go: Kafka topics and the stdout print sink. Delivery is complete
+//! only when every sink has acknowledged, and only then may the batch's offsets be committed.
+
+mod kafka;
+mod print;
+
+use anyhow::Result;
+
+pub use kafka::KafkaSink;
+pub use print::PrintSink;
+
+use crate::runtime::OutputRecord;
+
+/// The job's sinks.
+pub struct Sinks {
+    pub kafka: KafkaSink,
+    pub print: Option<PrintSink>,
+}
+
+impl Sinks {
+    /// Delivers one batch's outputs and waits for every acknowledgement.
+    pub fn deliver(&mut self, batch_time: i64, outputs: &[OutputRecord]) -> Result<()> {
+        if let Some(print) = &mut self.print {
+            print.print(batch_time, outputs)?;
+        }
+        self.kafka.send_all(outputs)
+    }
+}
