@@ -117,8 +117,11 @@ impl JobOptions {
     /// Reads a job file. Unknown keys are an error naming the key.
     pub fn from_file(path: &Path) -> Result<JobOptions> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
-        let mut options: JobOptions =
-            toml::from_str(&text).with_context(|| format!("invalid job file {}", path.display()))?;
+        let mut options: JobOptions = toml::from_str(&text).map_err(|error| {
+            // toml's own rendering spans several lines; one line names the file, line and problem.
+            let line = error.span().map_or(0, |span| text[..span.start].lines().count().max(1));
+            anyhow::anyhow!("invalid job file {}, line {line}: {}", path.display(), error.message().trim())
+        })?;
         // A plugin path in a file is relative to the file, so a job directory can move as a whole.
         if let (Some(plugin), Some(dir)) = (&options.plugin, path.parent()) {
             options.plugin = Some(dir.join(plugin));

@@ -27,7 +27,7 @@ pub struct DemoArgs {
     /// Batches to run.
     #[arg(long, default_value_t = 3)]
     pub batches: u64,
-    /// Access-log lines produced before each batch (every seventh is malformed).
+    /// Access-log lines produced for each batch (every seventh is malformed).
     #[arg(long, default_value_t = 20)]
     pub records_per_batch: usize,
     /// Time between batches.
@@ -44,18 +44,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let plugin = dir.path().join("etl.wasm");
     std::fs::write(&plugin, sluice_plugin_artifacts::ETL_WASM).context("cannot write the demo plugin")?;
 
-    // The first wave is there before the job starts; one more arrives during each interval.
+    // One wave of input is there before the job starts, and one more arrives after each batch.
     let producer: ThreadedProducer<DefaultProducerContext> =
         ClientConfig::new().set("bootstrap.servers", &brokers).create().context("cannot create the demo producer")?;
     let per_wave = args.records_per_batch;
     produce_wave(&producer, 0, per_wave)?;
-    let waves = tokio::spawn(async move {
-        for wave in 1..args.batches as usize {
-            tokio::time::sleep(args.batch_interval).await;
-            produce_wave(&producer, wave * per_wave, per_wave)?;
-        }
-        anyhow::Ok(())
-    });
+    let mut waves = 1;
 
     let job = JobConfig {
         plugin,
@@ -74,8 +68,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         parallelism: 2,
         broker_timeout: Duration::from_secs(10),
     };
-    let summary = Engine::start(job)?.run(Shutdown::on_signals()).await?;
-    waves.abort();
+    let engine = tokio::task::block_in_place(|| Engine::start(job))?;
+    let summary = engine
+        .run_observed(Shutdown::on_signals(), |_| {
+            if waves < args.batches as usize {
+                produce_wave(&producer, waves * per_wave, per_wave)?;
+                waves += 1;
+            }
+            Ok(())
+        })
+        .await?;
 
     println!(
         "{} batches: {} records in, {} outputs to {OUTPUT}, {} rejected (logged above with offset and reason)\n",

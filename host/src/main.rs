@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line naming the thing and the problem; the cause chain is joined with ": ".
-            eprintln!("error: {error:#}");
+            let message = format!("{error:#}");
+            eprintln!("error: {}", message.lines().map(str::trim).collect::<Vec<_>>().join(" "));
             ExitCode::FAILURE
         }
     }

@@ -94,7 +94,17 @@ impl Engine {
 
     /// Runs batches until `--max-batches`, `--stop-when-caught-up` or a stop request ends the
     /// job. The batch in flight when a stop is requested still completes and commits.
-    pub async fn run(mut self, mut shutdown: Shutdown) -> Result<RunSummary> {
+    pub async fn run(self, shutdown: Shutdown) -> Result<RunSummary> {
+        self.run_observed(shutdown, |_| Ok(())).await
+    }
+
+    /// As [`Engine::run`], calling `observe` after each committed batch, before the next one
+    /// is planned. An error from `observe` stops the job with that error.
+    pub async fn run_observed(
+        mut self,
+        mut shutdown: Shutdown,
+        mut observe: impl FnMut(&BatchReport) -> Result<()>,
+    ) -> Result<RunSummary> {
         let interval = i64::try_from(self.job.batch_interval.as_millis()).context("batch interval too long")?;
         let mut summary = RunSummary::default();
         let mut batch_time = schedule::first_batch_time(now_ms(), interval);
@@ -112,8 +122,12 @@ impl Engine {
             let scheduling_delay = Duration::from_millis((now_ms() - batch_time).max(0) as u64);
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
-            let report = tokio::task::block_in_place(|| self.run_batch(batch_time, scheduling_delay))?;
-            log_batch(&report);
+            let report = tokio::task::block_in_place(|| {
+                let report = self.run_batch(batch_time, scheduling_delay)?;
+                log_batch(&report);
+                observe(&report)?;
+                anyhow::Ok(report)
+            })?;
             summary.batches += 1;
             summary.records_in += report.records_in as u64;
             summary.outputs += report.outputs as u64;

@@ -23,6 +23,8 @@ use crate::runtime::{Header, InputRecord};
 
 /// How long one metadata or offsets request may take before it is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between two attempts of a failed broker request.
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// How long `poll` blocks before the fetch loop checks partition positions again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -32,6 +34,8 @@ pub struct KafkaSource {
     cursors: BTreeMap<TopicPartition, Cursor>,
     /// The longest the source waits on brokers (connecting, listing offsets, fetching).
     broker_timeout: Duration,
+    /// The bootstrap servers, for error messages.
+    brokers: String,
 }
 
 /// Where one partition continues, plus records read ahead of the current range.
@@ -64,14 +68,15 @@ impl KafkaSource {
             .set("auto.offset.reset", "error")
             .create()
             .context("cannot create the Kafka consumer")?;
-        let mut source = KafkaSource { consumer, cursors: BTreeMap::new(), broker_timeout: job.broker_timeout };
+        let mut source =
+            KafkaSource { consumer, cursors: BTreeMap::new(), broker_timeout: job.broker_timeout, brokers: job.brokers.clone() };
 
         let partitions = source.discover(job)?;
         let committed = source.committed(&partitions)?;
         let mut assignment = TopicPartitionList::new();
         for partition in partitions {
-            let bounds = source.retry(&format!("read the log bounds of {partition}"), |consumer| {
-                consumer.fetch_watermarks(&partition.topic, partition.partition, REQUEST_TIMEOUT)
+            let bounds = source.retry(&format!("read the log bounds of {partition}"), |consumer, timeout| {
+                consumer.fetch_watermarks(&partition.topic, partition.partition, timeout)
             })?;
             let explicit = job.start.get(&partition).copied();
             let start = start_position(&partition, explicit, committed.get(&partition).copied(), job.auto_offset_reset, bounds)?;
@@ -98,7 +103,7 @@ impl KafkaSource {
         for partition in self.cursors.keys() {
             query.add_partition_offset(&partition.topic, partition.partition, Offset::End)?;
         }
-        let ends = self.retry("list the high watermarks", |consumer| consumer.offsets_for_times(query.clone(), REQUEST_TIMEOUT))?;
+        let ends = self.retry("list the high watermarks", |consumer, timeout| consumer.offsets_for_times(query.clone(), timeout))?;
         let mut planned = Vec::with_capacity(self.cursors.len());
         for element in ends.elements() {
             let partition = TopicPartition::new(element.topic(), element.partition());
@@ -238,7 +243,7 @@ impl KafkaSource {
     }
 
     fn discover(&self, job: &JobConfig) -> Result<Vec<TopicPartition>> {
-        let metadata = self.retry("fetch topic metadata", |consumer| consumer.fetch_metadata(None, REQUEST_TIMEOUT))?;
+        let metadata = self.retry("fetch topic metadata", |consumer, timeout| consumer.fetch_metadata(None, timeout))?;
         let mut partitions = Vec::new();
         let mut found = BTreeMap::new();
         for topic in metadata.topics() {
@@ -276,7 +281,9 @@ impl KafkaSource {
         for partition in partitions {
             query.add_partition(&partition.topic, partition.partition);
         }
-        let committed = self.retry("read the group's committed offsets", |consumer| consumer.committed_offsets(query.clone(), REQUEST_TIMEOUT))?;
+        let committed = self.retry("read the group's committed offsets", |consumer, timeout| {
+            consumer.committed_offsets(query.clone(), timeout)
+        })?;
         Ok(committed
             .elements()
             .iter()
@@ -289,20 +296,26 @@ impl KafkaSource {
 
     /// Runs a broker request until it succeeds or `broker_timeout` has passed, logging each
     /// failure, so a broker that is briefly away does not stop the job.
-    fn retry<T>(&self, what: &str, mut request: impl FnMut(&BaseConsumer) -> Result<T, KafkaError>) -> Result<T> {
+    fn retry<T>(&self, what: &str, mut request: impl FnMut(&BaseConsumer, Duration) -> Result<T, KafkaError>) -> Result<T> {
         let deadline = Instant::now() + self.broker_timeout;
         let mut attempt = 1;
         loop {
-            match request(&self.consumer) {
+            // Several attempts fit in the timeout, each logged, so an outage is visible early.
+            let timeout = REQUEST_TIMEOUT.min(self.broker_timeout / 4).max(RETRY_BACKOFF);
+            match request(&self.consumer, timeout) {
                 Ok(value) => return Ok(value),
                 Err(error) if Instant::now() < deadline => {
-                    tracing::warn!("cannot {what} (attempt {attempt}): {error}; retrying");
+                    tracing::warn!("cannot {what} from {} (attempt {attempt}): {error}; retrying", self.brokers);
                     attempt += 1;
-                    std::thread::sleep(Duration::from_millis(500).min(deadline - Instant::now()));
+                    std::thread::sleep(RETRY_BACKOFF.min(deadline.saturating_duration_since(Instant::now())));
                 }
                 Err(error) => {
                     return Err(error).with_context(|| {
-                        format!("cannot {what}: brokers unreachable for {}", humantime::format_duration(self.broker_timeout))
+                        format!(
+                            "cannot {what} from Kafka at {}: gave up after {} and {attempt} attempts",
+                            self.brokers,
+                            humantime::format_duration(self.broker_timeout)
+                        )
                     });
                 }
             }

@@ -1,0 +1,272 @@
+//! Test harness: brokers as processes, `host` runs with captured output, independent clients.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+/// The `host` binary under test.
+pub fn host() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_host"));
+    command.env("SLUICE_LOG", "info").env_remove("RUST_LOG");
+    command
+}
+
+/// A topic or group name no other test uses.
+pub fn unique(name: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("{name}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `host dev-broker` as a child process, killed when dropped.
+pub struct BrokerProcess {
+    child: Child,
+    pub brokers: String,
+}
+
+impl BrokerProcess {
+    /// Starts a mock cluster with `topics` (name, partitions) and waits for its address.
+    pub fn start(topics: &[(&str, i32)]) -> BrokerProcess {
+        let mut command = host();
+        command.arg("dev-broker");
+        for (topic, partitions) in topics {
+            command.arg("--topic").arg(format!("{topic}:{partitions}"));
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn host dev-broker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read the broker address");
+        let brokers = line.trim().to_string();
+        assert!(brokers.starts_with("127.0.0.1:"), "unexpected dev-broker output {line:?}");
+        BrokerProcess { child, brokers }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished `host` run.
+pub struct Run {
+    pub output: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn success(&self) -> bool {
+        self.output.status.success()
+    }
+
+    /// Asserts the run succeeded, showing its output if not.
+    pub fn assert_success(&self) -> &Run {
+        assert!(self.success(), "host failed ({}):\n{}", self.output.status, self.stderr());
+        self
+    }
+
+    /// The run's totals, from its final log line.
+    pub fn summary(&self) -> Summary {
+        let stderr = self.stderr();
+        let pattern = regex::Regex::new(r"stopped after (\d+) batches: (\d+) records in, (\d+) out, (\d+) rejected").unwrap();
+        let captures = pattern.captures(&stderr).unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
+        let number = |i: usize| captures[i].parse().unwrap();
+        Summary { batches: number(1), records_in: number(2), outputs: number(3), rejected: number(4) }
+    }
+
+    /// `(partition, offset)` of every rejection the run logged.
+    pub fn rejections(&self) -> Vec<(i32, i64)> {
+        let pattern = regex::Regex::new(r"rejected [^ ]+:(\d+) offset (\d+): ").unwrap();
+        let mut rejected: Vec<(i32, i64)> =
+            pattern.captures_iter(&self.stderr()).map(|c| (c[1].parse().unwrap(), c[2].parse().unwrap())).collect();
+        rejected.sort();
+        rejected
+    }
+
+    /// Asserts the run failed with exactly one `error:` line containing each of `parts`.
+    pub fn assert_error(&self, parts: &[&str]) {
+        let stderr = self.stderr();
+        assert!(!self.success(), "host should have failed:\n{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|line| line.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "expected one error line in:\n{stderr}");
+        for part in parts {
+            assert!(errors[0].contains(part), "error line lacks {part:?}:\n{}", errors[0]);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub batches: u64,
+    pub records_in: u64,
+    pub outputs: u64,
+    pub rejected: u64,
+}
+
+/// Runs `host` to completion, killing it if it outlives `limit` (a hung run fails the test
+/// instead of hanging the suite).
+pub fn run_host(command: &mut Command, limit: Duration) -> Run {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn host");
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let output = child.wait_with_output().expect("wait for host");
+        let _ = done.send(());
+        output
+    });
+    if finished.recv_timeout(limit).is_err() {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        let output = waiter.join().unwrap();
+        panic!("host did not finish within {limit:?}:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    Run { output: waiter.join().unwrap() }
+}
+
+/// Runs the independent Kafka client script and parses its JSON answer.
+fn kafka_check<T: for<'de> Deserialize<'de>>(args: &[&str], stdin: &str) -> T {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/clients/kafka_check.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the end-to-end tests (see the README's test command)");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kafka_check.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("kafka_check.py prints JSON")
+}
+
+/// One record to produce.
+pub struct Input {
+    pub partition: i32,
+    pub key: Option<String>,
+    pub value: String,
+}
+
+/// Produces `records` with kafka-python.
+pub fn produce(brokers: &str, topic: &str, records: &[Input]) {
+    let lines: String = records
+        .iter()
+        .map(|r| serde_json::json!({"partition": r.partition, "key": r.key, "value": r.value}).to_string() + "\n")
+        .collect();
+    let answer: serde_json::Value = kafka_check(&["produce", "--brokers", brokers, "--topic", topic], &lines);
+    assert_eq!(answer["produced"], records.len());
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+}
+
+/// Every record of `topic`, read with confluent-kafka.
+pub fn consume(brokers: &str, topic: &str) -> Vec<Consumed> {
+    kafka_check(&["consume", "--brokers", brokers, "--topic", topic], "")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct PartitionOffsets {
+    pub committed: Option<i64>,
+    pub end: i64,
+}
+
+/// The group's committed offset and the log end of each partition, read with confluent-kafka.
+pub fn offsets(brokers: &str, topic: &str, group: &str) -> BTreeMap<i32, PartitionOffsets> {
+    let answer: BTreeMap<String, PartitionOffsets> =
+        kafka_check(&["offsets", "--brokers", brokers, "--topic", topic, "--group", group], "");
+    answer.into_iter().map(|(p, o)| (p.parse().unwrap(), o)).collect()
+}
+
+/// Asserts that `group` has committed exactly the log end of every partition of `topic`.
+pub fn assert_committed_at_end(brokers: &str, topic: &str, group: &str) {
+    for (partition, offsets) in offsets(brokers, topic, group) {
+        assert_eq!(offsets.committed, Some(offsets.end), "{topic}:{partition} committed vs log end");
+    }
+}
+
+/// ETL input lines with the outputs they must produce, built independently of the plugin:
+/// the operation time is formatted from a known instant, so its epoch milliseconds are known.
+pub struct EtlCase {
+    pub lines: Vec<Input>,
+    /// Expected output values of the valid lines, in no particular order.
+    pub expected: Vec<String>,
+    /// How many lines are malformed.
+    pub malformed: usize,
+    /// `(partition, offset)` of each malformed line, if the topic was empty before.
+    pub malformed_positions: Vec<(i32, i64)>,
+}
+
+/// `count` lines numbered from `first`; every fifth is malformed (cycling through a missing
+/// field, an impossible date and a non-numeric time). Each line is keyed by its user, and a
+/// user's lines all go to one of the `partitions`, so per-key order is checkable downstream.
+pub fn etl_case(first: usize, count: usize, partitions: i32) -> EtlCase {
+    let mut case = EtlCase { lines: Vec::new(), expected: Vec::new(), malformed: 0, malformed_positions: Vec::new() };
+    let mut next_offset = vec![0i64; partitions as usize];
+    for n in first..first + count {
+        let partition = (n % 13) as i32 % partitions;
+        let offset = next_offset[partition as usize];
+        next_offset[partition as usize] += 1;
+        let instant: DateTime<Utc> = DateTime::from_timestamp(1_541_942_942 + 61 * n as i64, 0).unwrap();
+        let user = format!("u{}", n % 13);
+        let client = format!("10.0.{}.{}", n / 250, n % 250);
+        let url = format!("http://example.com/p/{n}?q=a,b");
+        let mut fields: Vec<String> = vec![
+            n.to_string(),
+            user.clone(),
+            instant.format("%Y%m%d%H%M%S").to_string(),
+            client.clone(),
+            "192.168.1.1".into(),
+            (30000 + n).to_string(),
+            "443".into(),
+            "example.com".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            url.replace(',', "%2C"),
+            "17".into(),
+        ];
+        if n % 5 == 4 {
+            match (n / 5) % 3 {
+                0 => drop(fields.remove(8)),
+                1 => fields[2] = "20181331120000".into(),
+                _ => fields[2] = "2018-11-11 12:00".into(),
+            }
+            case.malformed += 1;
+            case.malformed_positions.push((partition, offset));
+        } else {
+            case.expected.push(format!(
+                "{user}|{}|{client}:{}|192.168.1.1:443|{}",
+                instant.timestamp_millis(),
+                30000 + n,
+                url.replace(',', "%2C")
+            ));
+        }
+        let value = fields.iter().map(|f| format!("<<<!>>>{f}<<<!>>>")).collect::<Vec<_>>().join(",");
+        case.lines.push(Input { partition, key: Some(user), value });
+    }
+    case.malformed_positions.sort();
+    case
+}
