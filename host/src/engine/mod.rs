@@ -159,7 +159,9 @@ impl Engine {
         let planned = self.source.plan().with_context(|| format!("batch {batch_time} ms"))?;
         let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
         let ranges: Vec<OffsetRange> = planned.into_iter().map(|p| p.range).collect();
+        let planned_at = started.elapsed();
         let inputs = self.source.fetch(&ranges).with_context(|| format!("batch {batch_time} ms"))?;
+        let fetched_at = started.elapsed();
 
         let tasks: Vec<PartitionTask> = ranges
             .iter()
@@ -177,6 +179,7 @@ impl Engine {
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len()).sum();
         let results = process_in_parallel(&mut self.instances, &tasks)?;
+        let processed_at = started.elapsed();
 
         let mut outputs: Vec<OutputRecord> = Vec::with_capacity(results.iter().map(|r| r.outputs.len()).sum());
         let mut rejected = 0;
@@ -195,7 +198,16 @@ impl Engine {
         }
 
         self.sinks.deliver(batch_time, &outputs).with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+        let delivered_at = started.elapsed();
         commit::commit_batch(&self.source, batch_time, &ranges)?;
+        tracing::debug!(
+            "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
+            planned_at,
+            fetched_at - planned_at,
+            processed_at - fetched_at,
+            delivered_at - processed_at,
+            started.elapsed() - delivered_at
+        );
         Ok(BatchReport {
             batch_time,
             ranges,

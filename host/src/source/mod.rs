@@ -30,7 +30,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The job's input: assigned partitions and where each one continues.
 pub struct KafkaSource {
+    /// Fetches records; assigned to every partition for the life of the job.
     consumer: BaseConsumer,
+    /// Asks for offsets (log ends, committed offsets) on connections of its own: a broker
+    /// answers a connection's requests in order, so on the fetching consumer's connection a
+    /// ListOffsets would wait behind the long-polling Fetch (up to `fetch.wait.max.ms`).
+    queries: BaseConsumer,
     cursors: BTreeMap<TopicPartition, Cursor>,
     /// The longest the source waits on brokers (connecting, listing offsets, fetching).
     broker_timeout: Duration,
@@ -59,17 +64,17 @@ impl KafkaSource {
     /// (`--start` > committed > `--auto-offset-reset`) and assigns them. Unreachable brokers
     /// are retried with a log line each time until `broker_timeout`.
     pub fn connect(job: &JobConfig) -> Result<KafkaSource> {
-        let consumer: BaseConsumer = job
-            .kafka_client_config()
+        let mut config = job.kafka_client_config();
+        config
             .set("group.id", &job.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // Positions are always explicit; a fetch out of range must surface, not reset.
-            .set("auto.offset.reset", "error")
-            .create()
-            .context("cannot create the Kafka consumer")?;
+            .set("auto.offset.reset", "error");
+        let consumer: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
+        let queries: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
         let mut source =
-            KafkaSource { consumer, cursors: BTreeMap::new(), broker_timeout: job.broker_timeout, brokers: job.brokers.clone() };
+            KafkaSource { consumer, queries, cursors: BTreeMap::new(), broker_timeout: job.broker_timeout, brokers: job.brokers.clone() };
 
         let partitions = source.discover(job)?;
         let committed = source.committed(&partitions)?;
@@ -302,7 +307,7 @@ impl KafkaSource {
         loop {
             // Several attempts fit in the timeout, each logged, so an outage is visible early.
             let timeout = REQUEST_TIMEOUT.min(self.broker_timeout / 4).max(RETRY_BACKOFF);
-            match request(&self.consumer, timeout) {
+            match request(&self.queries, timeout) {
                 Ok(value) => return Ok(value),
                 Err(error) if Instant::now() < deadline => {
                     tracing::warn!("cannot {what} from {} (attempt {attempt}): {error}; retrying", self.brokers);
