@@ -1,0 +1,156 @@
+//! In-process Kafka for fast tests: librdkafka's `MockCluster`, with plain librdkafka clients
+//! to produce input and read results back, and a job template for the engine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use sluice_host::config::{JobConfig, RateLimits, Topics};
+use sluice_host::engine::{BatchReport, Engine, RunSummary, Shutdown};
+use sluice_host::source::{AutoOffsetReset, OnOffsetOutOfRange};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One record to produce.
+pub struct Record<'a> {
+    pub partition: i32,
+    pub key: Option<&'a str>,
+    pub value: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> Record<'a> {
+    pub fn new(partition: i32, value: &'a str) -> Record<'a> {
+        Record { partition, key: None, value, headers: &[] }
+    }
+}
+
+pub struct MockKafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl MockKafka {
+    pub fn new() -> MockKafka {
+        MockKafka { cluster: MockCluster::new(1).unwrap() }
+    }
+
+    pub fn brokers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    /// Creates a topic with a name no other test uses.
+    pub fn topic(&self, name: &str, partitions: i32) -> String {
+        let topic = crate::harness::unique(name);
+        self.cluster.create_topic(&topic, partitions, 1).unwrap();
+        topic
+    }
+
+    pub fn produce(&self, topic: &str, records: &[Record<'_>]) {
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            ClientConfig::new().set("bootstrap.servers", self.brokers()).create().unwrap();
+        for record in records {
+            let mut message = BaseRecord::to(topic).payload(record.value).partition(record.partition);
+            if let Some(key) = record.key {
+                message = message.key(key);
+            }
+            if !record.headers.is_empty() {
+                let headers = record.headers.iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+                    headers.insert(Header { key, value: Some(*value) })
+                });
+                message = message.headers(headers);
+            }
+            producer.send(message).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(TIMEOUT).unwrap();
+    }
+
+    /// Every value in `topic`, sorted.
+    pub fn values(&self, topic: &str) -> Vec<String> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", crate::harness::unique("reader"))
+            .create()
+            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).unwrap();
+        let mut assignment = TopicPartitionList::new();
+        let mut remaining = 0;
+        for partition in metadata.topics()[0].partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, partition.id(), TIMEOUT).unwrap();
+            remaining += high - low;
+            assignment.add_partition_offset(topic, partition.id(), Offset::Offset(low)).unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut values = Vec::new();
+        while remaining > 0 {
+            let message = consumer.poll(TIMEOUT).expect("records within the timeout").unwrap();
+            values.push(String::from_utf8(message.payload().unwrap().to_vec()).unwrap());
+            remaining -= 1;
+        }
+        values.sort();
+        values
+    }
+
+    /// The group's committed offset of each partition of `topic`.
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, Option<i64>> {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", self.brokers()).set("group.id", group).create().unwrap();
+        let mut query = TopicPartitionList::new();
+        for partition in 0..partitions {
+            query.add_partition(topic, partition);
+        }
+        let committed = consumer.committed_offsets(query, TIMEOUT).unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
+            .collect()
+    }
+
+    /// A backfill job over `topics` with `plugin`: earliest start, stop when caught up.
+    pub fn job(&self, plugin: &str, topics: Topics, group: &str) -> JobConfig {
+        JobConfig {
+            plugin: PathBuf::from(plugin),
+            plugin_config: vec![],
+            brokers: self.brokers(),
+            topics,
+            group: group.into(),
+            batch_interval: Duration::from_millis(100),
+            output_topic: None,
+            print: None,
+            kafka: vec![],
+            start: BTreeMap::new(),
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            max_batches: None,
+            stop_when_caught_up: true,
+            parallelism: 2,
+            broker_timeout: TIMEOUT,
+            rate: RateLimits::UNLIMITED,
+            on_offset_out_of_range: OnOffsetOutOfRange::Fail,
+        }
+    }
+}
+
+/// Runs `job` to its end.
+pub async fn run(job: JobConfig) -> RunSummary {
+    run_observed(job, |_| {}).await.0
+}
+
+/// Runs `job` to its end, returning every batch's report too.
+pub async fn run_observed(job: JobConfig, mut observe: impl FnMut(&BatchReport)) -> (RunSummary, Vec<BatchReport>) {
+    let engine = tokio::task::block_in_place(|| Engine::start(job)).unwrap();
+    let mut reports = Vec::new();
+    let summary = engine
+        .run_observed(Shutdown::manual().0, |report| {
+            observe(report);
+            reports.push(report.clone());
+            Ok(())
+        })
+        .await
+        .unwrap();
+    (summary, reports)
+}
