@@ -4,6 +4,8 @@
 
 /// Shared set-up: broker processes, running `host`, the Python clients, ETL fixtures.
 mod harness;
+/// In-process set-up: `MockCluster`, librdkafka clients, a job template.
+mod mock_kafka;
 
 /// `host run` as a separate process against a `host dev-broker` process.
 mod etl_process;
@@ -13,3 +15,7 @@ mod etl_in_process;
 mod bad_input;
 /// `host demo`, as the README runs it.
 mod demo;
+/// Rate limits, backpressure, topic discovery, lost offsets, commit failures.
+mod flow_control;
+/// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
+mod graceful_stop;

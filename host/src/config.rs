@@ -14,12 +14,14 @@ use rdkafka::ClientConfig;
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 
-use crate::source::{AutoOffsetReset, TopicPartition};
+use crate::source::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
 
 /// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 /// Batch interval when none is given.
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// The lowest rate backpressure chooses when no `--backpressure-min-rate` is given (Spark's).
+pub const DEFAULT_BACKPRESSURE_MIN_RATE: f64 = 100.0;
 /// How long unreachable brokers are retried when no `--broker-timeout` is given.
 pub const DEFAULT_BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -111,6 +113,32 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_BROKER_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub broker_timeout: Option<Duration>,
+
+    /// Records per second a batch may take from one partition, at most (Spark's
+    /// maxRatePerPartition): a batch takes at most rate × interval records per partition.
+    #[arg(long, env = "SLUICE_MAX_RATE_PER_PARTITION", value_name = "RECORDS_PER_SECOND")]
+    pub max_rate_per_partition: Option<f64>,
+
+    /// Records per second for the whole job until the backpressure estimator has measured one
+    /// (without --backpressure: for the first batch), so a cold start with a backlog does
+    /// not take everything at once.
+    #[arg(long, env = "SLUICE_INITIAL_RATE", value_name = "RECORDS_PER_SECOND")]
+    pub initial_rate: Option<f64>,
+
+    /// Adapt the rate to what the plugin keeps up with, from each batch's processing time and
+    /// scheduling delay (Spark's PID rate estimator), within --max-rate-per-partition.
+    #[arg(long, env = "SLUICE_BACKPRESSURE")]
+    #[serde(default)]
+    pub backpressure: bool,
+
+    /// The lowest rate backpressure may choose, in records per second [default: 100].
+    #[arg(long, env = "SLUICE_BACKPRESSURE_MIN_RATE", value_name = "RECORDS_PER_SECOND")]
+    pub backpressure_min_rate: Option<f64>,
+
+    /// What to do when a partition's position is no longer in the log (retention expired it)
+    /// [default: fail].
+    #[arg(long, env = "SLUICE_ON_OFFSET_OUT_OF_RANGE", value_enum)]
+    pub on_offset_out_of_range: Option<OnOffsetOutOfRange>,
 }
 
 impl JobOptions {
@@ -155,6 +183,11 @@ impl JobOptions {
             stop_when_caught_up: self.stop_when_caught_up || file.stop_when_caught_up,
             parallelism: self.parallelism.or(file.parallelism),
             broker_timeout: self.broker_timeout.or(file.broker_timeout),
+            max_rate_per_partition: self.max_rate_per_partition.or(file.max_rate_per_partition),
+            initial_rate: self.initial_rate.or(file.initial_rate),
+            backpressure: self.backpressure || file.backpressure,
+            backpressure_min_rate: self.backpressure_min_rate.or(file.backpressure_min_rate),
+            on_offset_out_of_range: self.on_offset_out_of_range.or(file.on_offset_out_of_range),
         }
     }
 }
@@ -186,6 +219,24 @@ pub struct JobConfig {
     pub stop_when_caught_up: bool,
     pub parallelism: usize,
     pub broker_timeout: Duration,
+    pub rate: RateLimits,
+    pub on_offset_out_of_range: OnOffsetOutOfRange,
+}
+
+/// How many records a batch may take: Spark's rate limits and backpressure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimits {
+    /// Records per second per partition, at most.
+    pub max_rate_per_partition: Option<f64>,
+    /// Records per second for the whole job until an estimate exists.
+    pub initial_rate: Option<f64>,
+    /// Whether the PID estimator adapts the rate; `Some(min_rate)` when enabled.
+    pub backpressure: Option<f64>,
+}
+
+impl RateLimits {
+    /// No limits: every batch takes everything available.
+    pub const UNLIMITED: RateLimits = RateLimits { max_rate_per_partition: None, initial_rate: None, backpressure: None };
 }
 
 impl JobConfig {
@@ -232,6 +283,18 @@ impl JobConfig {
             stop_when_caught_up: options.stop_when_caught_up,
             parallelism,
             broker_timeout: options.broker_timeout.unwrap_or(DEFAULT_BROKER_TIMEOUT),
+            rate: RateLimits {
+                max_rate_per_partition: positive_rate("--max-rate-per-partition", options.max_rate_per_partition)?,
+                initial_rate: positive_rate("--initial-rate", options.initial_rate)?,
+                backpressure: match options.backpressure {
+                    true => Some(
+                        positive_rate("--backpressure-min-rate", options.backpressure_min_rate)?
+                            .unwrap_or(DEFAULT_BACKPRESSURE_MIN_RATE),
+                    ),
+                    false => None,
+                },
+            },
+            on_offset_out_of_range: options.on_offset_out_of_range.unwrap_or_default(),
         })
     }
 
@@ -244,6 +307,13 @@ impl JobConfig {
             config.set(key, value);
         }
         config
+    }
+}
+
+fn positive_rate(flag: &str, rate: Option<f64>) -> Result<Option<f64>> {
+    match rate {
+        Some(rate) if !(rate.is_finite() && rate > 0.0) => bail!("{flag} must be a positive number of records per second"),
+        rate => Ok(rate),
     }
 }
 
@@ -334,6 +404,10 @@ mod tests {
             stop-when-caught-up = true
             parallelism = 4
             broker-timeout = "1m"
+            max-rate-per-partition = 100
+            initial-rate = 50.5
+            backpressure = true
+            on-offset-out-of-range = "earliest"
             [kafka]
             "fetch.wait.max.ms" = 100
             [start]
@@ -355,6 +429,11 @@ mod tests {
         assert_eq!(job.auto_offset_reset, AutoOffsetReset::Earliest);
         assert_eq!((job.max_batches, job.stop_when_caught_up, job.parallelism), (Some(3), true, 4));
         assert_eq!(job.broker_timeout, Duration::from_secs(60));
+        assert_eq!(
+            job.rate,
+            RateLimits { max_rate_per_partition: Some(100.0), initial_rate: Some(50.5), backpressure: Some(100.0) }
+        );
+        assert_eq!(job.on_offset_out_of_range, OnOffsetOutOfRange::Earliest);
     }
 
     #[test]
@@ -394,6 +473,8 @@ mod tests {
         assert_eq!(job.auto_offset_reset, AutoOffsetReset::Latest);
         assert_eq!(job.batch_interval, DEFAULT_BATCH_INTERVAL);
         assert_eq!(job.brokers, DEFAULT_BROKERS);
+        assert_eq!(job.rate, RateLimits::UNLIMITED);
+        assert_eq!(job.on_offset_out_of_range, OnOffsetOutOfRange::Fail);
     }
 
     #[test]
@@ -409,6 +490,7 @@ mod tests {
         assert!(error(JobOptions { topics: vec![], ..base() }).contains("no topics"));
         assert!(error(JobOptions { topic_pattern: Some("x".into()), ..base() }).contains("exclusive"));
         assert!(error(JobOptions { group: None, ..base() }).contains("--group"));
+        assert!(error(JobOptions { max_rate_per_partition: Some(0.0), ..base() }).contains("positive"));
         assert!(
             error(JobOptions { kafka: vec![("enable.auto.commit".into(), "true".into())], ..base() })
                 .contains("`enable.auto.commit` cannot be set")

@@ -12,9 +12,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, Threa
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::broker::DevBroker;
-use crate::config::{JobConfig, Topics};
+use crate::config::{JobConfig, RateLimits, Topics};
 use crate::engine::{Engine, Shutdown};
-use crate::source::AutoOffsetReset;
+use crate::source::{AutoOffsetReset, OnOffsetOutOfRange};
 
 const INPUT: &str = "etl-input";
 const OUTPUT: &str = "etl-output";
@@ -67,6 +67,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         stop_when_caught_up: false,
         parallelism: 2,
         broker_timeout: Duration::from_secs(10),
+        rate: RateLimits::UNLIMITED,
+        on_offset_out_of_range: OnOffsetOutOfRange::Fail,
     };
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine

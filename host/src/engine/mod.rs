@@ -2,6 +2,7 @@
 //! partition task on a bounded pool of plugin instances, deliver the outputs, then commit.
 
 mod commit;
+mod rate;
 mod schedule;
 mod shutdown;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 
+pub use rate::RateController;
 pub use shutdown::Shutdown;
 
 use crate::config::JobConfig;
@@ -27,6 +29,7 @@ pub struct Engine {
     instances: Vec<PluginInstance>,
     source: KafkaSource,
     sinks: Sinks,
+    rate: RateController,
 }
 
 /// One partition's slice of one batch: the unit of one plugin call.
@@ -49,6 +52,16 @@ pub struct BatchReport {
     pub scheduling_delay: Duration,
     /// Whether the batch left every partition at the high watermark seen when planning.
     pub caught_up: bool,
+    /// The rate limit the batch was planned with, in records per second for the whole job
+    /// (`None`: unlimited, or only `--max-rate-per-partition`).
+    pub rate: Option<f64>,
+}
+
+impl BatchReport {
+    /// Scheduling delay plus processing time: how far behind its batch time the batch finished.
+    pub fn total_delay(&self) -> Duration {
+        self.scheduling_delay + self.processing
+    }
 }
 
 /// Totals over a run, reported when the job stops.
@@ -78,13 +91,25 @@ impl Engine {
         };
         let source = KafkaSource::connect(&job)?;
 
-        let workers = job.parallelism.min(source.partitions().count()).max(1);
-        let mut instances = vec![first_instance];
-        for _ in 1..workers {
-            instances.push(plugin.instantiate().context("cannot instantiate the plugin for another worker")?);
+        let rate = RateController::new(job.rate, job.batch_interval)?;
+        tracing::info!(
+            "processing with up to {} workers, batch interval {}",
+            job.parallelism,
+            humantime::format_duration(job.batch_interval)
+        );
+        let mut engine = Engine { job, plugin, instances: vec![first_instance], source, sinks, rate };
+        engine.ensure_workers()?;
+        Ok(engine)
+    }
+
+    /// Makes an instance for every worker the current partitions can keep busy.
+    fn ensure_workers(&mut self) -> Result<()> {
+        let workers = self.job.parallelism.min(self.source.partitions().count()).max(1);
+        while self.instances.len() < workers {
+            let instance = self.plugin.instantiate().context("cannot instantiate the plugin for another worker")?;
+            self.instances.push(instance);
         }
-        tracing::info!("processing with {workers} workers, batch interval {}", humantime::format_duration(job.batch_interval));
-        Ok(Engine { job, plugin, instances, source, sinks })
+        Ok(())
     }
 
     /// The loaded plugin.
@@ -108,6 +133,9 @@ impl Engine {
         let interval = i64::try_from(self.job.batch_interval.as_millis()).context("batch interval too long")?;
         let mut summary = RunSummary::default();
         let mut batch_time = schedule::first_batch_time(now_ms(), interval);
+        // The last batch whose group commit failed; the next commit covers it (commits are
+        // cumulative), and the job does not stop without one succeeding.
+        let mut uncommitted: Option<Vec<OffsetRange>> = None;
         loop {
             let wait = batch_time - now_ms();
             if wait > 0 {
@@ -123,8 +151,16 @@ impl Engine {
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
             let report = tokio::task::block_in_place(|| {
-                let report = self.run_batch(batch_time, scheduling_delay)?;
+                let (report, committed) = self.run_batch(batch_time, scheduling_delay, summary.batches == 0)?;
+                uncommitted = match committed {
+                    Ok(()) => None,
+                    Err(error) => {
+                        tracing::warn!("{error:#}; moving on, the next commit covers it");
+                        Some(report.ranges.clone())
+                    }
+                };
                 log_batch(&report);
+                self.rate.batch_completed(now_ms(), &report);
                 observe(&report)?;
                 anyhow::Ok(report)
             })?;
@@ -143,6 +179,10 @@ impl Engine {
             }
             batch_time = schedule::next_batch_time(batch_time, now_ms(), interval);
         }
+        if let Some(ranges) = uncommitted {
+            tokio::task::block_in_place(|| self.source.commit(&ranges))
+                .context("stopping with the last batch's offsets uncommitted; the next run replays it")?;
+        }
         tracing::info!(
             "stopped after {} batches: {} records in, {} out, {} rejected",
             summary.batches,
@@ -153,10 +193,25 @@ impl Engine {
         Ok(summary)
     }
 
-    /// One batch, start to commit. Any error leaves the batch uncommitted.
-    fn run_batch(&mut self, batch_time: i64, scheduling_delay: Duration) -> Result<BatchReport> {
+    /// One batch, start to commit. An error before the commit step fails the batch (nothing
+    /// committed, the job stops and a restart replays it); the commit's own outcome is returned
+    /// beside the report, because a failed group commit is covered by the next one.
+    fn run_batch(
+        &mut self,
+        batch_time: i64,
+        scheduling_delay: Duration,
+        first: bool,
+    ) -> Result<(BatchReport, Result<()>)> {
         let started = Instant::now();
-        let planned = self.source.plan().with_context(|| format!("batch {batch_time} ms"))?;
+        tracing::debug!("started batch {batch_time} ms");
+        if !first {
+            // Topics and partitions created (or deleted) since the last batch join (or leave)
+            // at this boundary.
+            self.source.refresh_partitions().with_context(|| format!("batch {batch_time} ms"))?;
+            self.ensure_workers()?;
+        }
+        let rate = self.rate.current_rate();
+        let planned = self.source.plan(|lags| self.rate.caps(lags)).with_context(|| format!("batch {batch_time} ms"))?;
         let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
         let ranges: Vec<OffsetRange> = planned.into_iter().map(|p| p.range).collect();
         let planned_at = started.elapsed();
@@ -199,7 +254,7 @@ impl Engine {
 
         self.sinks.deliver(batch_time, &outputs).with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
         let delivered_at = started.elapsed();
-        commit::commit_batch(&self.source, batch_time, &ranges)?;
+        let committed = commit::commit_batch(&self.source, batch_time, &ranges);
         tracing::debug!(
             "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
             planned_at,
@@ -208,7 +263,7 @@ impl Engine {
             delivered_at - processed_at,
             started.elapsed() - delivered_at
         );
-        Ok(BatchReport {
+        let report = BatchReport {
             batch_time,
             ranges,
             records_in,
@@ -217,7 +272,9 @@ impl Engine {
             processing: started.elapsed(),
             scheduling_delay,
             caught_up,
-        })
+            rate,
+        };
+        Ok((report, committed))
     }
 }
 
@@ -260,14 +317,19 @@ fn log_batch(report: &BatchReport) {
     if ranges.is_empty() {
         ranges.push_str("no new records");
     }
+    let rate = match report.rate {
+        Some(rate) => format!("; rate limit {rate:.0} records/s"),
+        None => String::new(),
+    };
     tracing::info!(
-        "batch {} ms: {} in, {} out, {} rejected; processing {} ms, scheduling delay {} ms; {}",
+        "batch {} ms: {} in, {} out, {} rejected; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",
         report.batch_time,
         report.records_in,
         report.outputs,
         report.rejected,
         report.processing.as_millis(),
         report.scheduling_delay.as_millis(),
+        report.total_delay().as_millis(),
         ranges
     );
 }

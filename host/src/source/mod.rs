@@ -16,13 +16,18 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
-pub use ranges::{AutoOffsetReset, OffsetRange, StartPosition, TopicPartition, plan_range, start_position};
+pub use ranges::{
+    AutoOffsetReset, OffsetRange, OnOffsetOutOfRange, Repositioned, StartPosition, TopicPartition, check_in_log, plan_range,
+    start_position,
+};
 
 use crate::config::{JobConfig, Topics};
 use crate::runtime::{Header, InputRecord};
 
 /// How long one metadata or offsets request may take before it is retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at one group commit before the batch moves on without it.
+const COMMIT_ATTEMPTS: u32 = 3;
 /// Pause between two attempts of a failed broker request.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// How long `poll` blocks before the fetch loop checks partition positions again.
@@ -41,6 +46,9 @@ pub struct KafkaSource {
     broker_timeout: Duration,
     /// The bootstrap servers, for error messages.
     brokers: String,
+    topics: Topics,
+    auto_offset_reset: AutoOffsetReset,
+    on_out_of_range: OnOffsetOutOfRange,
 }
 
 /// Where one partition continues, plus records read ahead of the current range.
@@ -73,26 +81,31 @@ impl KafkaSource {
             .set("auto.offset.reset", "error");
         let consumer: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
         let queries: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
-        let mut source =
-            KafkaSource { consumer, queries, cursors: BTreeMap::new(), broker_timeout: job.broker_timeout, brokers: job.brokers.clone() };
+        let mut source = KafkaSource {
+            consumer,
+            queries,
+            cursors: BTreeMap::new(),
+            broker_timeout: job.broker_timeout,
+            brokers: job.brokers.clone(),
+            topics: job.topics.clone(),
+            auto_offset_reset: job.auto_offset_reset,
+            on_out_of_range: job.on_offset_out_of_range,
+        };
 
-        let partitions = source.discover(job)?;
-        let committed = source.committed(&partitions)?;
-        let mut assignment = TopicPartitionList::new();
-        for partition in partitions {
-            let bounds = source.retry(&format!("read the log bounds of {partition}"), |consumer, timeout| {
-                consumer.fetch_watermarks(&partition.topic, partition.partition, timeout)
-            })?;
-            let explicit = job.start.get(&partition).copied();
-            let start = start_position(&partition, explicit, committed.get(&partition).copied(), job.auto_offset_reset, bounds)?;
-            tracing::info!("{partition} starts at offset {start}");
-            assignment.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(start.offset()))?;
-            source.cursors.insert(partition, Cursor { next: start.offset(), read_ahead: VecDeque::new(), paused: false });
+        let partitions = source.discover()?;
+        if let Topics::Named(names) = &job.topics
+            && let Some(missing) = names.iter().find(|name| !partitions.iter().any(|p| &p.topic == *name))
+        {
+            bail!("topic `{missing}` does not exist on {}", job.brokers);
         }
-        if let Some(unknown) = job.start.keys().find(|p| !source.cursors.contains_key(p)) {
+        if partitions.is_empty() {
+            tracing::warn!("no topic on {} matches --topic-pattern {} yet", job.brokers, source.topics_description());
+        }
+        if let Some(unknown) = job.start.keys().find(|p| !partitions.contains(p)) {
             bail!("--start names {unknown}, which is not a partition this job reads");
         }
-        source.consumer.assign(&assignment).context("cannot assign partitions")?;
+        tracing::info!("reading {} partitions of {}", partitions.len(), source.topics_description());
+        source.add_partitions(partitions, &job.start)?;
         Ok(source)
     }
 
@@ -101,25 +114,105 @@ impl KafkaSource {
         self.cursors.keys()
     }
 
+    /// Picks up partitions created since the last call (new partitions start per the reset
+    /// policy unless the group has committed offsets for them) and drops deleted ones.
+    pub fn refresh_partitions(&mut self) -> Result<()> {
+        let found = self.discover()?;
+        let gone: Vec<TopicPartition> = self.cursors.keys().filter(|p| !found.contains(p)).cloned().collect();
+        if !gone.is_empty() {
+            let mut unassign = TopicPartitionList::new();
+            for partition in &gone {
+                unassign.add_partition(&partition.topic, partition.partition);
+                self.cursors.remove(partition);
+            }
+            self.consumer.incremental_unassign(&unassign).context("cannot unassign deleted partitions")?;
+            tracing::warn!("dropped partitions that no longer exist: {}", join(&gone));
+        }
+        let new: Vec<TopicPartition> = found.into_iter().filter(|p| !self.cursors.contains_key(p)).collect();
+        if !new.is_empty() {
+            tracing::info!("discovered new partitions: {}", join(&new));
+            self.add_partitions(new, &BTreeMap::new())?;
+        }
+        Ok(())
+    }
+
+    /// Chooses starting offsets for `partitions` and adds them to the assignment.
+    fn add_partitions(&mut self, partitions: Vec<TopicPartition>, explicit: &BTreeMap<TopicPartition, i64>) -> Result<()> {
+        let committed = self.committed(&partitions)?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in partitions {
+            let bounds = self.retry(&format!("read the log bounds of {partition}"), |consumer, timeout| {
+                consumer.fetch_watermarks(&partition.topic, partition.partition, timeout)
+            })?;
+            let start = start_position(
+                explicit.get(&partition).copied(),
+                committed.get(&partition).copied(),
+                self.auto_offset_reset,
+                bounds,
+            );
+            let mut offset = start.offset();
+            match check_in_log(&partition, offset, bounds, self.on_out_of_range)? {
+                None => tracing::info!("{partition} starts at offset {start}"),
+                Some(moved) => {
+                    tracing::warn!("{partition}: start offset {start}: {moved} (--on-offset-out-of-range)");
+                    offset = moved.to;
+                }
+            }
+            assignment.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset))?;
+            self.cursors.insert(partition, Cursor { next: offset, read_ahead: VecDeque::new(), paused: false });
+        }
+        self.consumer.incremental_assign(&assignment).context("cannot assign partitions")
+    }
+
     /// Fixes this batch's range for every partition: from where the last batch ended up to the
-    /// current high watermark (the last stable offset for `read_committed` consumers).
-    pub fn plan(&mut self) -> Result<Vec<PlannedRange>> {
+    /// current high watermark (the last stable offset for `read_committed` consumers), capped
+    /// per partition by `caps`, which gets each partition's lag in order. A position that fell
+    /// out of the log (retention) is handled by `--on-offset-out-of-range` first.
+    pub fn plan(&mut self, caps: impl FnOnce(&[i64]) -> Option<Vec<i64>>) -> Result<Vec<PlannedRange>> {
+        let lows = self.list_offsets("list the log start offsets", Offset::Beginning)?;
+        let highs = self.list_offsets("list the high watermarks", Offset::End)?;
+        let mut positions = Vec::with_capacity(self.cursors.len());
+        for (partition, cursor) in &mut self.cursors {
+            let (Some(&low), Some(&high)) = (lows.get(partition), highs.get(partition)) else {
+                bail!("the broker returned no log bounds for {partition}");
+            };
+            if let Some(moved) = check_in_log(partition, cursor.next, (low, high), self.on_out_of_range)? {
+                tracing::warn!("{partition}: {moved} (--on-offset-out-of-range)");
+                self.consumer
+                    .seek(&partition.topic, partition.partition, Offset::Offset(moved.to), REQUEST_TIMEOUT)
+                    .with_context(|| format!("cannot move {partition} to offset {}", moved.to))?;
+                cursor.next = moved.to;
+                cursor.read_ahead.clear();
+            }
+            positions.push((partition.clone(), cursor.next, high));
+        }
+        let lags: Vec<i64> = positions.iter().map(|(_, next, high)| (high - next).max(0)).collect();
+        let caps = caps(&lags);
+        Ok(positions
+            .into_iter()
+            .enumerate()
+            .map(|(i, (partition, next, high_watermark))| PlannedRange {
+                range: plan_range(partition, next, high_watermark, caps.as_ref().map(|caps| caps[i])),
+                high_watermark,
+            })
+            .collect())
+    }
+
+    /// The offsets the broker reports for every assigned partition at `which` (start or end).
+    fn list_offsets(&self, what: &str, which: Offset) -> Result<BTreeMap<TopicPartition, i64>> {
         let mut query = TopicPartitionList::new();
         for partition in self.cursors.keys() {
-            query.add_partition_offset(&partition.topic, partition.partition, Offset::End)?;
+            query.add_partition_offset(&partition.topic, partition.partition, which)?;
         }
-        let ends = self.retry("list the high watermarks", |consumer, timeout| consumer.offsets_for_times(query.clone(), timeout))?;
-        let mut planned = Vec::with_capacity(self.cursors.len());
-        for element in ends.elements() {
-            let partition = TopicPartition::new(element.topic(), element.partition());
-            let Offset::Offset(high_watermark) = element.offset() else {
-                bail!("the broker returned no high watermark for {partition} ({:?})", element.error());
-            };
-            let next = self.cursors[&partition].next;
-            planned.push(PlannedRange { range: plan_range(partition, next, high_watermark), high_watermark });
-        }
-        planned.sort_by(|a, b| a.range.partition.cmp(&b.range.partition));
-        Ok(planned)
+        let answer = self.retry(what, |consumer, timeout| consumer.offsets_for_times(query.clone(), timeout))?;
+        Ok(answer
+            .elements()
+            .iter()
+            .filter_map(|element| match element.offset() {
+                Offset::Offset(offset) => Some((TopicPartition::new(element.topic(), element.partition()), offset)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Reads exactly the records of each range, in offset order. On success the cursors move
@@ -238,47 +331,53 @@ impl KafkaSource {
     }
 
     /// Commits the ranges' ends to the consumer group, synchronously: the batch is done for
-    /// Kafka tooling only once the broker has accepted it.
+    /// Kafka tooling only once the broker has accepted it. A failure is retried a few times,
+    /// each logged with the partitions concerned; then the error is returned.
     pub fn commit(&self, ranges: &[OffsetRange]) -> Result<()> {
         let mut offsets = TopicPartitionList::new();
         for range in ranges {
             offsets.add_partition_offset(&range.partition.topic, range.partition.partition, Offset::Offset(range.until))?;
         }
-        self.consumer.commit(&offsets, CommitMode::Sync).context("cannot commit offsets to the consumer group")
+        let mut attempt = 1;
+        loop {
+            match self.consumer.commit(&offsets, CommitMode::Sync) {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    let partitions = ranges.iter().map(|r| format!("{}={}", r.partition, r.until)).collect::<Vec<_>>();
+                    let message = format!("cannot commit offsets {} (attempt {attempt}): {error}", partitions.join(", "));
+                    if attempt >= COMMIT_ATTEMPTS {
+                        bail!(message);
+                    }
+                    tracing::warn!("{message}; retrying");
+                    attempt += 1;
+                    std::thread::sleep(RETRY_BACKOFF);
+                }
+            }
+        }
     }
 
-    fn discover(&self, job: &JobConfig) -> Result<Vec<TopicPartition>> {
+    /// Every partition of the job's topics the brokers know now, in order.
+    fn discover(&self) -> Result<Vec<TopicPartition>> {
         let metadata = self.retry("fetch topic metadata", |consumer, timeout| consumer.fetch_metadata(None, timeout))?;
         let mut partitions = Vec::new();
-        let mut found = BTreeMap::new();
         for topic in metadata.topics() {
-            let wanted = match &job.topics {
+            let wanted = match &self.topics {
                 Topics::Named(names) => names.iter().any(|name| name == topic.name()),
                 Topics::Pattern(pattern) => !topic.name().starts_with("__") && pattern.is_match(topic.name()),
             };
             if wanted && topic.error().is_none() {
-                found.insert(topic.name().to_string(), topic.partitions().len());
                 partitions.extend(topic.partitions().iter().map(|p| TopicPartition::new(topic.name(), p.id())));
             }
         }
-        match &job.topics {
-            Topics::Named(names) => {
-                if let Some(missing) = names.iter().find(|name| !found.contains_key(*name)) {
-                    bail!("topic `{missing}` does not exist on {}", job.brokers);
-                }
-            }
-            Topics::Pattern(pattern) if found.is_empty() => {
-                bail!("no topic on {} matches --topic-pattern {}", job.brokers, pattern.as_str())
-            }
-            Topics::Pattern(_) => {}
-        }
         partitions.sort();
-        tracing::info!(
-            "reading {} partitions of {}",
-            partitions.len(),
-            found.iter().map(|(topic, n)| format!("{topic} ({n})")).collect::<Vec<_>>().join(", ")
-        );
         Ok(partitions)
+    }
+
+    fn topics_description(&self) -> String {
+        match &self.topics {
+            Topics::Named(names) => names.join(", "),
+            Topics::Pattern(pattern) => pattern.as_str().to_string(),
+        }
     }
 
     fn committed(&self, partitions: &[TopicPartition]) -> Result<BTreeMap<TopicPartition, i64>> {
@@ -326,6 +425,10 @@ impl KafkaSource {
             }
         }
     }
+}
+
+fn join(partitions: &[TopicPartition]) -> String {
+    partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn input_record(message: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord {

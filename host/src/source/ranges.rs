@@ -73,9 +73,14 @@ impl fmt::Display for OffsetRange {
 }
 
 /// The range a batch takes from a partition whose next offset is `next` and whose log ends
-/// at `high_watermark`: everything available. (Rate limits will clamp `until` here.)
-pub fn plan_range(partition: TopicPartition, next: i64, high_watermark: i64) -> OffsetRange {
-    OffsetRange { partition, from: next, until: high_watermark.max(next) }
+/// at `high_watermark`: everything available, or at most `cap` offsets when rate-limited.
+pub fn plan_range(partition: TopicPartition, next: i64, high_watermark: i64, cap: Option<i64>) -> OffsetRange {
+    let end = high_watermark.max(next);
+    let until = match cap {
+        Some(cap) => end.min(next.saturating_add(cap.max(0))),
+        None => end,
+    };
+    OffsetRange { partition, from: next, until }
 }
 
 /// Where a partition without a usable position starts, as Kafka's `auto.offset.reset`.
@@ -121,27 +126,80 @@ impl fmt::Display for StartPosition {
 
 /// Picks a partition's starting offset. Precedence, highest first: an explicit `--start`,
 /// the group's committed offset, then the reset policy against the log's current bounds
-/// `[low, high)`. An explicit or committed offset outside the log is an error naming both.
+/// `[low, high)`. Whether the result is still in the log is [`check_in_log`]'s business.
 pub fn start_position(
-    partition: &TopicPartition,
     explicit: Option<i64>,
     committed: Option<i64>,
     reset: AutoOffsetReset,
     (low, high): (i64, i64),
-) -> anyhow::Result<StartPosition> {
-    let position = match (explicit, committed) {
+) -> StartPosition {
+    match (explicit, committed) {
         (Some(offset), _) => StartPosition::Explicit(offset),
         (None, Some(offset)) => StartPosition::Committed(offset),
         (None, None) => match reset {
             AutoOffsetReset::Earliest => StartPosition::Reset(reset, low),
             AutoOffsetReset::Latest => StartPosition::Reset(reset, high),
         },
-    };
-    let offset = position.offset();
-    if offset < low || offset > high {
-        bail!("{partition}: start offset {position} is outside the log, which holds offsets [{low}, {high})");
     }
-    Ok(position)
+}
+
+/// What to do when a partition's position is no longer in the log (retention deleted the
+/// records, or the log was truncated behind it), like Spark's `failOnDataLoss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOffsetOutOfRange {
+    /// Continue at the oldest record still in the log.
+    Earliest,
+    /// Continue at the end of the log.
+    Latest,
+    /// Stop the job with an error: losing data must be a decision.
+    #[default]
+    Fail,
+}
+
+/// A position moved because it was outside the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repositioned {
+    pub from: i64,
+    pub to: i64,
+    /// Offsets passed over without being read (0 when moving backwards).
+    pub skipped: i64,
+    /// The log's bounds when it happened.
+    pub log: (i64, i64),
+}
+
+impl fmt::Display for Repositioned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (low, high) = self.log;
+        if self.from < low {
+            write!(f, "offsets [{}, {low}) are gone from the log (retention); ", self.from)?;
+        } else {
+            write!(f, "offset {} is past the log end {high}; ", self.from)?;
+        }
+        write!(f, "skipped {} offsets, continuing at {}", self.skipped, self.to)
+    }
+}
+
+/// Checks that `position` lies in the log `[low, high]` (the end itself is a valid position:
+/// the next record to be written) and applies `policy` when it does not.
+pub fn check_in_log(
+    partition: &TopicPartition,
+    position: i64,
+    (low, high): (i64, i64),
+    policy: OnOffsetOutOfRange,
+) -> anyhow::Result<Option<Repositioned>> {
+    if (low..=high).contains(&position) {
+        return Ok(None);
+    }
+    let to = match policy {
+        OnOffsetOutOfRange::Earliest => low,
+        OnOffsetOutOfRange::Latest => high,
+        OnOffsetOutOfRange::Fail => bail!(
+            "{partition}: offset {position} is outside the log, which holds offsets [{low}, {high}); \
+             pass --on-offset-out-of-range earliest or latest to skip ahead"
+        ),
+    };
+    Ok(Some(Repositioned { from: position, to, skipped: (to - position).max(0), log: (low, high) }))
 }
 
 #[cfg(test)]
@@ -154,42 +212,61 @@ mod tests {
 
     #[test]
     fn explicit_start_beats_committed_and_reset() {
-        let start = start_position(&tp(), Some(5), Some(9), AutoOffsetReset::Latest, (0, 20)).unwrap();
+        let start = start_position(Some(5), Some(9), AutoOffsetReset::Latest, (0, 20));
         assert_eq!(start, StartPosition::Explicit(5));
     }
 
     #[test]
     fn committed_beats_reset() {
-        let start = start_position(&tp(), None, Some(9), AutoOffsetReset::Earliest, (0, 20)).unwrap();
+        let start = start_position(None, Some(9), AutoOffsetReset::Earliest, (0, 20));
         assert_eq!(start, StartPosition::Committed(9));
     }
 
     #[test]
     fn reset_uses_the_log_bounds() {
-        let earliest = start_position(&tp(), None, None, AutoOffsetReset::Earliest, (4, 20)).unwrap();
-        let latest = start_position(&tp(), None, None, AutoOffsetReset::Latest, (4, 20)).unwrap();
+        let earliest = start_position(None, None, AutoOffsetReset::Earliest, (4, 20));
+        let latest = start_position(None, None, AutoOffsetReset::Latest, (4, 20));
         assert_eq!((earliest.offset(), latest.offset()), (4, 20));
     }
 
     #[test]
-    fn a_position_outside_the_log_is_refused_with_both_numbers() {
-        let error = start_position(&tp(), None, Some(2), AutoOffsetReset::Earliest, (4, 20)).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "in:3: start offset 2 (committed) is outside the log, which holds offsets [4, 20)"
-        );
-        assert!(start_position(&tp(), Some(21), None, AutoOffsetReset::Earliest, (4, 20)).is_err());
-        // The end of the log itself is a valid position: the next record to be written.
-        assert!(start_position(&tp(), Some(20), None, AutoOffsetReset::Earliest, (4, 20)).is_ok());
+    fn positions_in_the_log_are_kept() {
+        for position in [4, 10, 20] {
+            assert_eq!(check_in_log(&tp(), position, (4, 20), OnOffsetOutOfRange::Fail).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn a_lost_position_fails_by_default_naming_both_numbers() {
+        let error = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Fail).unwrap_err();
+        assert!(error.to_string().starts_with("in:3: offset 2 is outside the log, which holds offsets [4, 20)"), "{error}");
+    }
+
+    #[test]
+    fn a_lost_position_skips_ahead_by_policy_counting_what_was_skipped() {
+        let earliest = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Earliest).unwrap().unwrap();
+        assert_eq!((earliest.to, earliest.skipped), (4, 2));
+        assert_eq!(earliest.to_string(), "offsets [2, 4) are gone from the log (retention); skipped 2 offsets, continuing at 4");
+        let latest = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Latest).unwrap().unwrap();
+        assert_eq!((latest.to, latest.skipped), (20, 18));
+        // Past the end (a truncated log): earliest rewinds, skipping nothing.
+        let rewound = check_in_log(&tp(), 25, (4, 20), OnOffsetOutOfRange::Earliest).unwrap().unwrap();
+        assert_eq!((rewound.to, rewound.skipped), (4, 0));
     }
 
     #[test]
     fn ranges_run_to_the_high_watermark_and_never_backwards() {
-        assert_eq!(plan_range(tp(), 7, 12), OffsetRange { partition: tp(), from: 7, until: 12 });
-        assert!(plan_range(tp(), 7, 7).is_empty());
+        assert_eq!(plan_range(tp(), 7, 12, None), OffsetRange { partition: tp(), from: 7, until: 12 });
+        assert!(plan_range(tp(), 7, 7, None).is_empty());
         // A watermark behind the position (e.g. a truncated log) gives an empty range, not a
         // negative one.
-        assert_eq!(plan_range(tp(), 7, 5).len(), 0);
+        assert_eq!(plan_range(tp(), 7, 5, None).len(), 0);
+    }
+
+    #[test]
+    fn a_cap_limits_the_range() {
+        assert_eq!(plan_range(tp(), 7, 100, Some(10)).until, 17);
+        assert_eq!(plan_range(tp(), 7, 12, Some(10)).until, 12);
     }
 
     #[test]
