@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a job: read Kafka topics in micro-batches through a Wasm plugin.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Try Sluice in one command: the seeds' ETL on an in-process Kafka mock cluster.
     Demo(DemoArgs),
     /// Serve a Kafka mock cluster on loopback until stopped, printing its bootstrap address.

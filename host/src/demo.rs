@@ -123,7 +123,7 @@ pub fn access_log_line(n: usize) -> (String, String) {
         (2556928066u64 + n as u64).to_string(),
     ];
     if n % 7 == 3 {
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             fields[2] = "20181399250000".into();
         } else {
             fields.pop();

@@ -34,7 +34,7 @@ fn try_main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Demo(args) => sluice_host::demo::run(args).await,
             Command::DevBroker(args) => dev_broker(args).await,
         }

@@ -33,7 +33,16 @@ fn main() {
         build.args(["--package", plugin]);
     }
     // The outer build's flags and profile settings are for the host, not for the guests.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "CARGO_BUILD_RUSTFLAGS"] {
+    // (A wrapper such as clippy-driver under `cargo clippy` is for the outer build too.)
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
         build.env_remove(var);
     }
     // Plugins need no debug info: smaller components compile faster in the host.

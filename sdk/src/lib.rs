@@ -241,6 +241,12 @@ pub mod __private {
     /// thread-local cell is the whole of the synchronisation needed.
     pub struct Slot<T>(RefCell<Option<T>>);
 
+    impl<T: Transform> Default for Slot<T> {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl<T: Transform> Slot<T> {
         /// An empty slot, filled by `init`.
         pub const fn new() -> Self {
