@@ -56,7 +56,7 @@ fn a_core_module_is_refused_with_a_hint() {
 #[test]
 fn a_component_of_another_world_is_refused() {
     run_refused(Path::new(sluice_plugin_artifacts::WASI_COMMAND), &[])
-        .assert_error(&["wasi-command.wasm", "is not a sluice:plugin/transformer@0.1.0 component", "wasi:cli/run"]);
+        .assert_error(&["wasi-command.wasm", "is not a component of any Sluice world", "sluice:plugin/updater@0.1.0", "wasi:cli/run"]);
 }
 
 #[test]

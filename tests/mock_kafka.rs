@@ -131,6 +131,9 @@ impl MockKafka {
             broker_timeout: TIMEOUT,
             rate: RateLimits::UNLIMITED,
             on_offset_out_of_range: OnOffsetOutOfRange::Fail,
+            checkpoint: None,
+            state_timeout: None,
+            window: None,
         }
     }
 }

@@ -23,6 +23,25 @@ pub enum Command {
     Demo(DemoArgs),
     /// Serve a Kafka mock cluster on loopback until stopped, printing its bootstrap address.
     DevBroker(DevBrokerArgs),
+    /// Look into a job's checkpoint (`--checkpoint DIR`) without running the job.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+/// `host checkpoint ...`
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Last batch, offsets per partition, plugin versions by batch, state size per state
+    /// partition and a few sample keys.
+    Inspect {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+    /// Every key's state, one JSON object per line: {"key": ..., "state": ...}.
+    Dump {
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
 }
 
 /// Options of `host run`.

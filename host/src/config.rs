@@ -139,6 +139,29 @@ pub struct JobOptions {
     /// [default: fail].
     #[arg(long, env = "SLUICE_ON_OFFSET_OUT_OF_RANGE", value_enum)]
     pub on_offset_out_of_range: Option<OnOffsetOutOfRange>,
+
+    /// Directory of the job's checkpoint: offsets, keyed state and window panes, committed
+    /// once per batch. Required for stateful and windowed plugins; a restarted job resumes
+    /// from it.
+    #[arg(long, env = "SLUICE_CHECKPOINT", value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// Remove a key's state after it has had no new values for this long, telling the plugin
+    /// first (Spark's `StateSpec.timeout`), e.g. `30s`, `10m`.
+    #[arg(long, env = "SLUICE_STATE_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub state_timeout: Option<Duration>,
+
+    /// Window length for windowed plugins, a multiple of the batch interval, e.g. `3s`.
+    #[arg(long, env = "SLUICE_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub window: Option<Duration>,
+
+    /// How often a windowed plugin's windows are emitted, a multiple of the batch interval
+    /// [default: the batch interval].
+    #[arg(long, env = "SLUICE_SLIDE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub slide: Option<Duration>,
 }
 
 impl JobOptions {
@@ -150,9 +173,10 @@ impl JobOptions {
             let line = error.span().map_or(0, |span| text[..span.start].lines().count().max(1));
             anyhow::anyhow!("invalid job file {}, line {line}: {}", path.display(), error.message().trim())
         })?;
-        // A plugin path in a file is relative to the file, so a job directory can move as a whole.
-        if let (Some(plugin), Some(dir)) = (&options.plugin, path.parent()) {
-            options.plugin = Some(dir.join(plugin));
+        // Paths in a file are relative to the file, so a job directory can move as a whole.
+        if let Some(dir) = path.parent() {
+            options.plugin = options.plugin.map(|plugin| dir.join(plugin));
+            options.checkpoint = options.checkpoint.map(|checkpoint| dir.join(checkpoint));
         }
         Ok(options)
     }
@@ -188,6 +212,10 @@ impl JobOptions {
             backpressure: self.backpressure || file.backpressure,
             backpressure_min_rate: self.backpressure_min_rate.or(file.backpressure_min_rate),
             on_offset_out_of_range: self.on_offset_out_of_range.or(file.on_offset_out_of_range),
+            checkpoint: self.checkpoint.or(file.checkpoint),
+            state_timeout: self.state_timeout.or(file.state_timeout),
+            window: self.window.or(file.window),
+            slide: self.slide.or(file.slide),
         }
     }
 }
@@ -221,6 +249,34 @@ pub struct JobConfig {
     pub broker_timeout: Duration,
     pub rate: RateLimits,
     pub on_offset_out_of_range: OnOffsetOutOfRange,
+    pub checkpoint: Option<PathBuf>,
+    pub state_timeout: Option<Duration>,
+    pub window: Option<WindowSpec>,
+}
+
+/// Window length and slide of a windowed job, both multiples of the batch interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub length: Duration,
+    pub slide: Duration,
+}
+
+impl WindowSpec {
+    /// Checks `--window` and `--slide` against the batch interval, naming both values when
+    /// one does not divide evenly.
+    pub fn new(length: Duration, slide: Option<Duration>, batch_interval: Duration) -> Result<WindowSpec> {
+        let slide = slide.unwrap_or(batch_interval);
+        for (flag, value) in [("--window", length), ("--slide", slide)] {
+            if value.is_zero() || value.as_millis() % batch_interval.as_millis() != 0 {
+                bail!(
+                    "{flag} {} is not a multiple of --batch-interval {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(batch_interval)
+                );
+            }
+        }
+        Ok(WindowSpec { length, slide })
+    }
 }
 
 /// How many records a batch may take: Spark's rate limits and backpressure.
@@ -295,6 +351,16 @@ impl JobConfig {
                 },
             },
             on_offset_out_of_range: options.on_offset_out_of_range.unwrap_or_default(),
+            checkpoint: options.checkpoint,
+            state_timeout: match options.state_timeout {
+                Some(timeout) if timeout.is_zero() => bail!("--state-timeout must be longer than zero"),
+                timeout => timeout,
+            },
+            window: match (options.window, options.slide) {
+                (Some(length), slide) => Some(WindowSpec::new(length, slide, batch_interval)?),
+                (None, Some(_)) => bail!("--slide needs --window"),
+                (None, None) => None,
+            },
         })
     }
 
@@ -408,6 +474,10 @@ mod tests {
             initial-rate = 50.5
             backpressure = true
             on-offset-out-of-range = "earliest"
+            checkpoint = "state"
+            state-timeout = "1m"
+            window = "1500ms"
+            slide = "1s"
             [kafka]
             "fetch.wait.max.ms" = 100
             [start]
@@ -434,6 +504,21 @@ mod tests {
             RateLimits { max_rate_per_partition: Some(100.0), initial_rate: Some(50.5), backpressure: Some(100.0) }
         );
         assert_eq!(job.on_offset_out_of_range, OnOffsetOutOfRange::Earliest);
+        assert!(job.checkpoint.as_ref().unwrap().ends_with("state"));
+        assert_eq!(job.state_timeout, Some(Duration::from_secs(60)));
+        let window = WindowSpec { length: Duration::from_millis(1500), slide: Duration::from_secs(1) };
+        assert_eq!(job.window, Some(window));
+    }
+
+    #[test]
+    fn windows_must_be_multiples_of_the_batch_interval() {
+        let interval = Duration::from_secs(1);
+        let error = WindowSpec::new(Duration::from_millis(2500), None, interval).unwrap_err().to_string();
+        assert_eq!(error, "--window 2s 500ms is not a multiple of --batch-interval 1s");
+        let error = WindowSpec::new(Duration::from_secs(3), Some(Duration::from_millis(1500)), interval).unwrap_err();
+        assert_eq!(error.to_string(), "--slide 1s 500ms is not a multiple of --batch-interval 1s");
+        let window = WindowSpec::new(Duration::from_secs(3), None, interval).unwrap();
+        assert_eq!(window.slide, interval, "the slide defaults to the batch interval");
     }
 
     #[test]

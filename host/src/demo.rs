@@ -69,6 +69,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         broker_timeout: Duration::from_secs(10),
         rate: RateLimits::UNLIMITED,
         on_offset_out_of_range: OnOffsetOutOfRange::Fail,
+        checkpoint: None,
+        state_timeout: None,
+        window: None,
     };
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine

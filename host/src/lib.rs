@@ -6,10 +6,13 @@
 //! offsets. [`config`] holds the job's options; [`cli`] the `host` command line.
 
 pub mod broker;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod failpoint;
+pub mod inspect;
 pub mod runtime;
 pub mod sinks;
 pub mod source;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser as _;
 use sluice_host::broker::DevBroker;
-use sluice_host::cli::{Cli, Command, DevBrokerArgs, RunArgs};
+use sluice_host::cli::{CheckpointCommand, Cli, Command, DevBrokerArgs, RunArgs};
 use sluice_host::config::{JobConfig, JobOptions};
 use sluice_host::engine::{Engine, Shutdown};
 use tracing_subscriber::EnvFilter;
@@ -37,6 +37,14 @@ fn try_main() -> Result<()> {
             Command::Run(args) => run(*args).await,
             Command::Demo(args) => sluice_host::demo::run(args).await,
             Command::DevBroker(args) => dev_broker(args).await,
+            Command::Checkpoint(CheckpointCommand::Inspect { dir }) => {
+                print!("{}", sluice_host::inspect::inspect(&dir)?);
+                Ok(())
+            }
+            Command::Checkpoint(CheckpointCommand::Dump { dir }) => {
+                print!("{}", sluice_host::inspect::dump(&dir)?);
+                Ok(())
+            }
         }
     })
 }

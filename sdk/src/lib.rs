@@ -66,9 +66,13 @@
 
 pub mod config;
 pub mod log;
+mod stateful;
 pub mod testing;
 mod types;
+mod windowed;
 
+pub use stateful::{Codec, Emit, Json, Stateful};
+pub use windowed::{Window, Windowed};
 pub use types::{BatchContext, BatchOutput, Header, Output, PluginError, PluginInfo, Record, Rejection};
 
 use std::fmt;
@@ -84,6 +88,38 @@ pub mod wit {
         default_bindings_module: "sluice_sdk::wit",
         additional_derives: [PartialEq, Eq],
     });
+
+    /// Bindings of the stateful world, sharing the transform world's types.
+    pub mod updater {
+        wit_bindgen::generate!({
+            world: "updater",
+            path: "../wit",
+            pub_export_macro: true,
+            export_macro_name: "__export_updater_world",
+            default_bindings_module: "sluice_sdk::wit::updater",
+            additional_derives: [PartialEq, Eq],
+            with: {
+                "sluice:plugin/types@0.1.0": crate::wit::sluice::plugin::types,
+                "sluice:plugin/host@0.1.0": crate::wit::sluice::plugin::host,
+            },
+        });
+    }
+
+    /// Bindings of the windowed world, sharing the other worlds' types.
+    pub mod windower {
+        wit_bindgen::generate!({
+            world: "windower",
+            path: "../wit",
+            pub_export_macro: true,
+            export_macro_name: "__export_windower_world",
+            default_bindings_module: "sluice_sdk::wit::windower",
+            additional_derives: [PartialEq, Eq],
+            with: {
+                "sluice:plugin/types@0.1.0": crate::wit::sluice::plugin::types,
+                "sluice:plugin/host@0.1.0": crate::wit::sluice::plugin::host,
+            },
+        });
+    }
 }
 
 /// A stateless batch transform: the plugin kind behind `host run --plugin`.
@@ -198,18 +234,14 @@ macro_rules! export_transform {
                 static PLUGIN: $crate::__private::Slot<$plugin> = const { $crate::__private::Slot::new() };
             }
 
-            impl $crate::wit::exports::sluice::plugin::lifecycle::Guest for SluiceExport {
+            impl $crate::wit::Guest for SluiceExport {
                 fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
                     -> ::std::result::Result<(), $crate::PluginError> {
-                    PLUGIN.with(|slot| slot.init(&config))
+                    PLUGIN.with(|slot| slot.init(&config, <$plugin as $crate::Transform>::init))
                 }
 
                 fn describe() -> $crate::PluginInfo {
-                    $crate::PluginInfo {
-                        name: ::std::string::String::from(env!("CARGO_PKG_NAME")),
-                        version: ::std::string::String::from(env!("CARGO_PKG_VERSION")),
-                        state_schema_version: 0,
-                    }
+                    $crate::__describe!(0)
                 }
             }
 
@@ -234,29 +266,36 @@ macro_rules! export_transform {
 /// Support for the export macros; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    use crate::{PluginError, Transform};
+    use crate::PluginError;
     use std::cell::RefCell;
+
+    pub use crate::stateful::glue::{process_keyed, update_groups};
+    pub use crate::windowed::glue::{inverse_reduce_pairs, present_results, process_windowed, reduce_lists};
 
     /// Holds the plugin instance between calls. Components are single-threaded, so a
     /// thread-local cell is the whole of the synchronisation needed.
     pub struct Slot<T>(RefCell<Option<T>>);
 
-    impl<T: Transform> Default for Slot<T> {
+    impl<T> Default for Slot<T> {
         fn default() -> Self {
             Self::new()
         }
     }
 
-    impl<T: Transform> Slot<T> {
+    impl<T> Slot<T> {
         /// An empty slot, filled by `init`.
         pub const fn new() -> Self {
             Slot(RefCell::new(None))
         }
 
-        /// Parses the configuration and builds the plugin.
-        pub fn init(&self, config: &[(String, String)]) -> Result<(), PluginError> {
+        /// Parses the configuration and builds the plugin with `make`.
+        pub fn init<C: serde::de::DeserializeOwned>(
+            &self,
+            config: &[(String, String)],
+            make: impl FnOnce(C) -> Result<T, PluginError>,
+        ) -> Result<(), PluginError> {
             let config = crate::config::from_pairs(config)?;
-            *self.0.borrow_mut() = Some(T::init(config)?);
+            *self.0.borrow_mut() = Some(make(config)?);
             Ok(())
         }
 
@@ -267,5 +306,18 @@ pub mod __private {
                 None => Err(PluginError::failed("the host called the plugin before `init`")),
             }
         }
+    }
+
+    /// `describe` for a plugin crate: its package name and version.
+    #[macro_export]
+    #[doc(hidden)]
+    macro_rules! __describe {
+        ($schema:expr) => {
+            $crate::PluginInfo {
+                name: ::std::string::String::from(env!("CARGO_PKG_NAME")),
+                version: ::std::string::String::from(env!("CARGO_PKG_VERSION")),
+                state_schema_version: $schema,
+            }
+        };
     }
 }

@@ -1,25 +1,30 @@
 //! The batch loop: at each batch time, plan offset ranges, fetch them, run one plugin call per
-//! partition task on a bounded pool of plugin instances, deliver the outputs, then commit.
+//! partition task on a bounded pool of plugin instances, update keyed state or windows, deliver
+//! the outputs, then commit: checkpoint first, consumer group second.
 
 mod commit;
+mod parallel;
 mod rate;
 mod schedule;
 mod shutdown;
+mod state;
+mod window;
 
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 pub use rate::RateController;
 pub use shutdown::Shutdown;
 
+use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, Resume};
 use crate::config::JobConfig;
-use crate::runtime::{BatchContext, BatchOutput, InputRecord, OutputRecord, PluginInstance, PluginRuntime, TaskError};
+use crate::failpoint;
+use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::sinks::{KafkaSink, PrintSink, Sinks};
 use crate::source::{KafkaSource, OffsetRange};
+use parallel::run_parallel;
 
 /// A job being run: its plugin, its source and its sinks.
 pub struct Engine {
@@ -30,6 +35,21 @@ pub struct Engine {
     source: KafkaSource,
     sinks: Sinks,
     rate: RateController,
+    /// Where offsets, state and windows are committed, with `--checkpoint`.
+    checkpoint: Option<JobCheckpoint>,
+}
+
+/// The checkpoint and what the engine learned from it at start.
+struct JobCheckpoint {
+    store: Checkpoint,
+    state_partitions: u32,
+    /// A batch that was planned but not committed before the last run stopped: run first,
+    /// with its original time and ranges.
+    replay: Option<PendingBatch>,
+    /// The last committed batch's time; later batches get later times.
+    last_batch: Option<i64>,
+    /// Whether the windowed plugin has an inverse reduce.
+    invertible: bool,
 }
 
 /// One partition's slice of one batch: the unit of one plugin call.
@@ -78,8 +98,18 @@ impl Engine {
     /// The plugin comes first so that a bad plugin or plugin configuration is refused before
     /// the job touches Kafka.
     pub fn start(job: JobConfig) -> Result<Engine> {
-        let (plugin, first_instance) = PluginRuntime::load(&job.plugin, job.plugin_config.clone())?;
-        tracing::info!("loaded plugin {}", plugin.identity());
+        let (plugin, mut first_instance) = PluginRuntime::load(&job.plugin, job.plugin_config.clone())?;
+        tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
+        check_job_fits_plugin(&job, &plugin)?;
+        // The checkpoint is opened (and a bad one refused) before Kafka is touched.
+        let checkpoint = match &job.checkpoint {
+            Some(dir) => Some(open_checkpoint(dir, &job, &plugin, &mut first_instance)?),
+            None => None,
+        };
+        let checkpointed = match &checkpoint {
+            Some(checkpoint) => checkpoint.store.resume()?.offsets,
+            None => Default::default(),
+        };
 
         let client = job.kafka_client_config();
         if job.output_topic.is_none() && job.print.is_none() {
@@ -89,7 +119,7 @@ impl Engine {
             kafka: KafkaSink::new(&client, job.output_topic.clone(), job.broker_timeout)?,
             print: job.print.map(PrintSink::new),
         };
-        let source = KafkaSource::connect(&job)?;
+        let source = KafkaSource::connect(&job, checkpointed)?;
 
         let rate = RateController::new(job.rate, job.batch_interval)?;
         tracing::info!(
@@ -97,14 +127,15 @@ impl Engine {
             job.parallelism,
             humantime::format_duration(job.batch_interval)
         );
-        let mut engine = Engine { job, plugin, instances: vec![first_instance], source, sinks, rate };
+        let mut engine = Engine { job, plugin, instances: vec![first_instance], source, sinks, rate, checkpoint };
         engine.ensure_workers()?;
         Ok(engine)
     }
 
     /// Makes an instance for every worker the current partitions can keep busy.
     fn ensure_workers(&mut self) -> Result<()> {
-        let workers = self.job.parallelism.min(self.source.partitions().count()).max(1);
+        let state_partitions = self.checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.state_partitions as usize);
+        let workers = self.job.parallelism.min(self.source.partitions().count().max(state_partitions)).max(1);
         while self.instances.len() < workers {
             let instance = self.plugin.instantiate().context("cannot instantiate the plugin for another worker")?;
             self.instances.push(instance);
@@ -132,12 +163,17 @@ impl Engine {
     ) -> Result<RunSummary> {
         let interval = i64::try_from(self.job.batch_interval.as_millis()).context("batch interval too long")?;
         let mut summary = RunSummary::default();
-        let mut batch_time = schedule::first_batch_time(now_ms(), interval);
+        let mut batch_time = self.first_batch_time(interval);
         // The last batch whose group commit failed; the next commit covers it (commits are
         // cumulative), and the job does not stop without one succeeding.
         let mut uncommitted: Option<Vec<OffsetRange>> = None;
         loop {
-            let wait = batch_time - now_ms();
+            // A batch interrupted by the last run's end comes first, with its original time.
+            let replay = self.checkpoint.as_mut().and_then(|checkpoint| checkpoint.replay.take());
+            if let Some(replay) = &replay {
+                tracing::info!("replaying batch {} ms, interrupted before its commit", replay.batch_time);
+            }
+            let wait = if replay.is_some() { 0 } else { batch_time - now_ms() };
             if wait > 0 {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
@@ -147,11 +183,12 @@ impl Engine {
             if shutdown.is_requested() {
                 break;
             }
-            let scheduling_delay = Duration::from_millis((now_ms() - batch_time).max(0) as u64);
+            let this_batch = replay.as_ref().map_or(batch_time, |replay| replay.batch_time);
+            let scheduling_delay = Duration::from_millis((now_ms() - this_batch).max(0) as u64);
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
             let report = tokio::task::block_in_place(|| {
-                let (report, committed) = self.run_batch(batch_time, scheduling_delay, summary.batches == 0)?;
+                let (report, committed) = self.run_batch(this_batch, scheduling_delay, summary.batches == 0, replay)?;
                 uncommitted = match committed {
                     Ok(()) => None,
                     Err(error) => {
@@ -177,7 +214,7 @@ impl Engine {
                 tracing::info!("stopping: every partition is at its high watermark (--stop-when-caught-up)");
                 break;
             }
-            batch_time = schedule::next_batch_time(batch_time, now_ms(), interval);
+            batch_time = schedule::next_batch_time(this_batch.max(batch_time - interval), now_ms(), interval);
         }
         if let Some(ranges) = uncommitted {
             tokio::task::block_in_place(|| self.source.commit(&ranges))
@@ -193,14 +230,28 @@ impl Engine {
         Ok(summary)
     }
 
+    /// The first batch time of this run: the next tick, but always after every batch the
+    /// checkpoint has seen, so batch times (and with them panes and timeouts) never repeat.
+    fn first_batch_time(&self, interval: i64) -> i64 {
+        let mut first = schedule::first_batch_time(now_ms(), interval);
+        if let Some(checkpoint) = &self.checkpoint {
+            let seen = checkpoint.last_batch.into_iter().chain(checkpoint.replay.as_ref().map(|replay| replay.batch_time));
+            for time in seen {
+                first = first.max(time + interval);
+            }
+        }
+        first
+    }
+
     /// One batch, start to commit. An error before the commit step fails the batch (nothing
-    /// committed, the job stops and a restart replays it); the commit's own outcome is returned
-    /// beside the report, because a failed group commit is covered by the next one.
+    /// committed, the job stops and a restart replays it); the group commit's own outcome is
+    /// returned beside the report, because a failed group commit is covered by the next one.
     fn run_batch(
         &mut self,
         batch_time: i64,
         scheduling_delay: Duration,
         first: bool,
+        replay: Option<PendingBatch>,
     ) -> Result<(BatchReport, Result<()>)> {
         let started = Instant::now();
         tracing::debug!("started batch {batch_time} ms");
@@ -210,12 +261,22 @@ impl Engine {
             self.source.refresh_partitions().with_context(|| format!("batch {batch_time} ms"))?;
             self.ensure_workers()?;
         }
-        let rate = self.rate.current_rate();
-        let planned = self.source.plan(|lags| self.rate.caps(lags)).with_context(|| format!("batch {batch_time} ms"))?;
-        let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
-        let ranges: Vec<OffsetRange> = planned.into_iter().map(|p| p.range).collect();
+        let (ranges, caught_up, rate) = match replay {
+            Some(replay) => (replay.ranges, false, None),
+            None => {
+                let rate = self.rate.current_rate();
+                let planned =
+                    self.source.plan(|lags| self.rate.caps(lags)).with_context(|| format!("batch {batch_time} ms"))?;
+                let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
+                (planned.into_iter().map(|p| p.range).collect::<Vec<_>>(), caught_up, rate)
+            }
+        };
+        if let Some(checkpoint) = &self.checkpoint {
+            checkpoint.store.begin_batch(&PendingBatch { batch_time, ranges: ranges.clone() })?;
+        }
         let planned_at = started.elapsed();
         let inputs = self.source.fetch(&ranges).with_context(|| format!("batch {batch_time} ms"))?;
+        failpoint::reached("fetch");
         let fetched_at = started.elapsed();
 
         let tasks: Vec<PartitionTask> = ranges
@@ -233,10 +294,10 @@ impl Engine {
             })
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len()).sum();
-        let results = process_in_parallel(&mut self.instances, &tasks)?;
-        let processed_at = started.elapsed();
+        let results = run_parallel(&mut self.instances, &tasks, |instance, task| instance.process(&task.context, &task.records))?;
 
         let mut outputs: Vec<OutputRecord> = Vec::with_capacity(results.iter().map(|r| r.outputs.len()).sum());
+        let mut values = Vec::with_capacity(results.len());
         let mut rejected = 0;
         for (task, result) in tasks.iter().zip(results) {
             for rejection in &result.rejections {
@@ -250,10 +311,45 @@ impl Engine {
             }
             rejected += result.rejections.len();
             outputs.extend(result.outputs);
+            values.push(result.values);
         }
+        let mut changes = BatchChanges::default();
+        if let Some(checkpoint) = &self.checkpoint {
+            let keyed = match self.plugin.kind() {
+                PluginKind::Transform => Vec::new(),
+                PluginKind::Stateful => state::StateStep {
+                    checkpoint: &checkpoint.store,
+                    partitions: checkpoint.state_partitions,
+                    timeout_ms: self.job.state_timeout.map(|timeout| timeout.as_millis() as i64),
+                    batch_time,
+                }
+                .run(&mut self.instances, values, &mut changes)?,
+                PluginKind::Windowed => {
+                    let window = self.job.window.context("a windowed plugin needs --window")?;
+                    window::WindowStep {
+                        checkpoint: &checkpoint.store,
+                        partitions: checkpoint.state_partitions,
+                        length_ms: window.length.as_millis() as i64,
+                        slide_ms: window.slide.as_millis() as i64,
+                        invertible: checkpoint.invertible,
+                        batch_time,
+                    }
+                    .run(&mut self.instances, values, &mut changes)?
+                }
+            };
+            outputs.extend(keyed);
+        }
+        failpoint::reached("plugin");
+        let processed_at = started.elapsed();
 
         self.sinks.deliver(batch_time, &outputs).with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+        failpoint::reached("deliver");
         let delivered_at = started.elapsed();
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.store.commit(batch_time, &ranges, &changes, self.plugin.identity())?;
+            checkpoint.last_batch = Some(batch_time);
+            failpoint::reached("commit");
+        }
         let committed = commit::commit_batch(&self.source, batch_time, &ranges);
         tracing::debug!(
             "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
@@ -278,35 +374,65 @@ impl Engine {
     }
 }
 
-/// Runs every task on the instances, at most one thread per instance, each instance used by
-/// one thread only. Results come back in task order.
-fn process_in_parallel(instances: &mut [PluginInstance], tasks: &[PartitionTask]) -> Result<Vec<BatchOutput>, TaskError> {
-    let next_task = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<BatchOutput, TaskError>>>> = tasks.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for instance in instances.iter_mut().take(tasks.len()) {
-            let (next_task, results) = (&next_task, &results);
-            scope.spawn(move || {
-                loop {
-                    let index = next_task.fetch_add(1, Ordering::Relaxed);
-                    let Some(task) = tasks.get(index) else { break };
-                    let result = instance.process(&task.context, &task.records);
-                    let failed = result.is_err();
-                    *results[index].lock().expect("not poisoned") = Some(result);
-                    if failed {
-                        // A trapped instance is unusable; leave the remaining tasks to others.
-                        break;
-                    }
-                }
-            });
+/// Refuses option combinations the plugin's kind cannot honour, before anything is opened.
+fn check_job_fits_plugin(job: &JobConfig, plugin: &PluginRuntime) -> Result<()> {
+    let (kind, name) = (plugin.kind(), &plugin.identity().info.name);
+    if kind != PluginKind::Transform && job.checkpoint.is_none() {
+        bail!("plugin {name} is a {kind} plugin: its state lives in the checkpoint, so pass --checkpoint DIR");
+    }
+    match (kind, job.window, job.state_timeout) {
+        (PluginKind::Windowed, None, _) => {
+            bail!("plugin {name} is a windowed plugin: pass --window DURATION (and --slide DURATION)")
         }
+        (PluginKind::Stateful | PluginKind::Transform, Some(_), _) => {
+            bail!("--window is for windowed plugins; plugin {name} is a {kind} plugin")
+        }
+        (PluginKind::Windowed | PluginKind::Transform, _, Some(_)) => {
+            bail!("--state-timeout is for stateful plugins; plugin {name} is a {kind} plugin")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Opens the job's checkpoint and checks that this plugin can continue its state.
+fn open_checkpoint(
+    dir: &std::path::Path,
+    job: &JobConfig,
+    plugin: &PluginRuntime,
+    instance: &mut PluginInstance,
+) -> Result<JobCheckpoint> {
+    let store = Checkpoint::open(dir, job.parallelism as u32)?;
+    let Resume { last_batch, pending, last_plugin, has_state, .. } = store.resume()?;
+    let info = &plugin.identity().info;
+    if let Some(last) = last_plugin.filter(|_| has_state)
+        && (last.name != info.name || last.state_schema_version != info.state_schema_version)
+    {
+        bail!(
+            "checkpoint {} holds state of plugin {} (state schema {}); plugin {} {} has state schema {} and cannot read it",
+            store.path().display(),
+            last.name,
+            last.state_schema_version,
+            info.name,
+            info.version,
+            info.state_schema_version
+        );
+    }
+    // An explicit --start is a decision to re-read: the interrupted batch's plan no longer applies.
+    let replay = pending.filter(|pending| {
+        let overridden = pending.ranges.iter().any(|range| job.start.contains_key(&range.partition));
+        !overridden
     });
-    // Tasks are taken in order, so every task without a result comes after a failed one and
-    // the first error is returned before one is reached.
-    results
-        .into_iter()
-        .map_while(|result| result.into_inner().expect("not poisoned"))
-        .collect::<Result<Vec<_>, _>>()
+    if replay.is_none() && store.resume()?.pending.is_some() {
+        store.discard_pending()?;
+    }
+    let invertible = plugin.kind() == PluginKind::Windowed
+        && instance.inverse_reduce(&[]).map_err(|e| anyhow::anyhow!("plugin {}: {e}", info.name))?.is_some();
+    let state_partitions = store.state_partitions()?;
+    match last_batch {
+        Some(last) => tracing::info!("resuming from checkpoint {}, last batch {last} ms", store.path().display()),
+        None => tracing::info!("starting a new checkpoint in {}", store.path().display()),
+    }
+    Ok(JobCheckpoint { store, state_partitions, replay, last_batch, invertible })
 }
 
 fn log_batch(report: &BatchReport) {

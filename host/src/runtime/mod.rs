@@ -1,8 +1,8 @@
 //! The Wasm runtime: loads a plugin component once, checks it against the contract, and hands
 //! out isolated instances, one per worker.
 //!
-//! [`PluginRuntime`] is the one type that knows about wasmtime; the engine sees only
-//! [`PluginInstance::process`]. Sandbox limits (fuel, epochs, memory) and upgrades attach here.
+//! [`PluginRuntime`] is the one type that knows about wasmtime; the engine sees only the
+//! calls of [`PluginInstance`], whatever world (transform, stateful, windowed) the plugin is. Sandbox limits (fuel, epochs, memory) and upgrades attach here.
 
 mod bindings;
 
@@ -16,10 +16,31 @@ use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 pub use bindings::{
-    BatchContext, BatchOutput, Header, InputRecord, Level, OutputRecord, PluginError, PluginInfo, Rejection,
-    TRANSFORMER_WORLD,
+    BatchContext, Header, InputRecord, KeyGroup, KeyUpdate, KeyedValue, Level, OutputRecord, PluginError, PluginInfo,
+    Rejection, StateChange, WORLDS,
 };
-use bindings::{Transformer, TransformerPre};
+use bindings::{transformer, updater, windower};
+
+/// What a plugin does, by the world it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// `transformer`: records in, records out, no state.
+    Transform,
+    /// `updater`: keyed state across batches (`updateStateByKey`, `mapWithState`).
+    Stateful,
+    /// `windower`: keyed aggregates over sliding windows (`reduceByKeyAndWindow`).
+    Windowed,
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PluginKind::Transform => "transform",
+            PluginKind::Stateful => "stateful",
+            PluginKind::Windowed => "windowed",
+        })
+    }
+}
 
 /// Who a loaded plugin is: its own description plus the digest of its exact bytes, so logs
 /// (and later the checkpoint) can tell two builds of the same version apart.
@@ -39,7 +60,7 @@ impl fmt::Display for PluginIdentity {
 
 /// A compiled, validated plugin from which instances are made.
 pub struct PluginRuntime {
-    pre: TransformerPre<InstanceState>,
+    pre: Pre,
     config: Vec<(String, String)>,
     identity: PluginIdentity,
 }
@@ -61,19 +82,13 @@ impl PluginRuntime {
 
         let mut linker = Linker::<InstanceState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| wasm_error(e, "cannot link WASI"))?;
-        Transformer::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+        transformer::sluice::plugin::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| wasm_error(e, "cannot link the Sluice host interface"))?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .and_then(TransformerPre::new)
-            .map_err(|e| {
-                let exports: Vec<String> =
-                    component.component_type().exports(&engine).map(|(name, _)| name.to_string()).collect();
-                anyhow!(
-                    "is not a {TRANSFORMER_WORLD} component ({e}); it exports [{}]",
-                    exports.join(", ")
-                )
-            })?;
+        let pre = Pre::new(&linker, &component).map_err(|e| {
+            let exports: Vec<String> =
+                component.component_type().exports(&engine).map(|(name, _)| name.to_string()).collect();
+            anyhow!("is not a component of any Sluice world ({}): {e:#}; it exports [{}]", WORLDS.join(", "), exports.join(", "))
+        })?;
 
         let digest = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
         let mut runtime = PluginRuntime {
@@ -92,23 +107,86 @@ impl PluginRuntime {
         &self.identity
     }
 
+    /// What this plugin does.
+    pub fn kind(&self) -> PluginKind {
+        match self.pre {
+            Pre::Transform(_) => PluginKind::Transform,
+            Pre::Stateful(_) => PluginKind::Stateful,
+            Pre::Windowed(_) => PluginKind::Windowed,
+        }
+    }
+
     /// A fresh, initialised instance with its own store: for one worker, never shared.
     pub fn instantiate(&self) -> Result<PluginInstance> {
         let mut store = Store::new(self.pre.engine(), InstanceState::new());
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| anyhow!("cannot instantiate: {e:#}"))?;
-        bindings
-            .sluice_plugin_lifecycle()
-            .call_init(&mut store, &self.config)
-            .map_err(|trap| anyhow!("trapped in init: {trap:#}"))?
+        let instantiated = match &self.pre {
+            Pre::Transform(pre) => pre.instantiate(&mut store).map(Bindings::Transform),
+            Pre::Stateful(pre) => pre.instantiate(&mut store).map(Bindings::Stateful),
+            Pre::Windowed(pre) => pre.instantiate(&mut store).map(Bindings::Windowed),
+        };
+        let bindings = instantiated.map_err(|e| anyhow!("cannot instantiate: {e:#}"))?;
+        let init = match &bindings {
+            Bindings::Transform(b) => b.call_init(&mut store, &self.config),
+            Bindings::Stateful(b) => b.call_init(&mut store, &self.config),
+            Bindings::Windowed(b) => b.call_init(&mut store, &self.config),
+        };
+        init.map_err(|trap| anyhow!("trapped in init: {trap:#}"))?
             .map_err(|error| anyhow!("refused its configuration: {}", describe_error(&error)))?;
         Ok(PluginInstance { store, bindings, identity: self.identity.clone() })
     }
 }
 
+/// A component checked against one of the plugin worlds, ready to instantiate.
+enum Pre {
+    Transform(transformer::TransformerPre<InstanceState>),
+    Stateful(updater::UpdaterPre<InstanceState>),
+    Windowed(windower::WindowerPre<InstanceState>),
+}
+
+impl Pre {
+    /// Matches the component against each world in turn; the error is the transform world's,
+    /// the kind most plugins are.
+    fn new(linker: &Linker<InstanceState>, component: &Component) -> wasmtime::Result<Pre> {
+        let pre = linker.instantiate_pre(component)?;
+        if let Ok(stateful) = updater::UpdaterPre::new(pre.clone()) {
+            return Ok(Pre::Stateful(stateful));
+        }
+        if let Ok(windowed) = windower::WindowerPre::new(pre.clone()) {
+            return Ok(Pre::Windowed(windowed));
+        }
+        transformer::TransformerPre::new(pre).map(Pre::Transform)
+    }
+
+    fn engine(&self) -> &Engine {
+        match self {
+            Pre::Transform(pre) => pre.engine(),
+            Pre::Stateful(pre) => pre.engine(),
+            Pre::Windowed(pre) => pre.engine(),
+        }
+    }
+}
+
+/// An instance's exports, by world.
+enum Bindings {
+    Transform(transformer::Transformer),
+    Stateful(updater::Updater),
+    Windowed(windower::Windower),
+}
+
+/// What `process` made of one partition task, whatever the plugin's kind.
+#[derive(Debug, Default)]
+pub struct TaskOutput {
+    /// Records to deliver.
+    pub outputs: Vec<OutputRecord>,
+    pub rejections: Vec<Rejection>,
+    /// Keyed values for state or windows (none from a transform).
+    pub values: Vec<KeyedValue>,
+}
+
 /// One instantiated plugin with its own memory. Used by one worker at a time.
 pub struct PluginInstance {
     store: Store<InstanceState>,
-    bindings: Transformer,
+    bindings: Bindings,
     identity: PluginIdentity,
 }
 
@@ -124,24 +202,109 @@ pub enum TaskError {
 }
 
 impl PluginInstance {
-    /// Runs one partition task through the plugin.
-    pub fn process(&mut self, ctx: &BatchContext, records: &[InputRecord]) -> Result<BatchOutput, TaskError> {
+    /// Runs one partition task through the plugin's `process`.
+    pub fn process(&mut self, ctx: &BatchContext, records: &[InputRecord]) -> Result<TaskOutput, TaskError> {
         let task = format!("{}:{} [{}, {}) of batch {} ms", ctx.topic, ctx.partition, ctx.from_offset, ctx.until_offset, ctx.batch_time);
-        let plugin = self.identity.info.name.clone();
         self.store.data_mut().task = format!("{}:{}", ctx.topic, ctx.partition);
-        match self.bindings.sluice_plugin_transform().call_process(&mut self.store, ctx, records) {
-            Ok(Ok(output)) => Ok(output),
+        let keyed = |output: bindings::KeyedOutput| TaskOutput {
+            outputs: output.outputs,
+            rejections: output.rejections,
+            values: output.values,
+        };
+        let store = &mut self.store;
+        let result = match &self.bindings {
+            Bindings::Transform(b) => b.sluice_plugin_transform().call_process(store, ctx, records).map(|r| {
+                r.map(|output| TaskOutput { outputs: output.outputs, rejections: output.rejections, values: Vec::new() })
+            }),
+            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_process(store, ctx, records).map(|r| r.map(keyed)),
+            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_process(store, ctx, records).map(|r| r.map(keyed)),
+        };
+        self.outcome(task, result)
+    }
+
+    /// Runs one state partition's key groups through a stateful plugin's `update`.
+    pub fn update(&mut self, ctx: &BatchContext, groups: &[KeyGroup]) -> Result<Vec<KeyUpdate>, TaskError> {
+        let task = format!("state partition {} of batch {} ms", ctx.partition, ctx.batch_time);
+        self.store.data_mut().task = format!("state:{}", ctx.partition);
+        let result = match &self.bindings {
+            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_update(&mut self.store, ctx, groups),
+            _ => return Err(self.wrong_kind(task, "update")),
+        };
+        let updates = self.outcome(task.clone(), result)?;
+        if updates.len() != groups.len() {
+            return Err(TaskError::Plugin {
+                plugin: self.identity.info.name.clone(),
+                task,
+                message: format!("answered {} key updates for {} key groups", updates.len(), groups.len()),
+            });
+        }
+        Ok(updates)
+    }
+
+    /// Folds each list of values into one with a windowed plugin's `reduce`.
+    pub fn reduce(&mut self, lists: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<u8>>, TaskError> {
+        let task = format!("reducing {} window values", lists.len());
+        let result = match &self.bindings {
+            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_reduce(&mut self.store, lists),
+            _ => return Err(self.wrong_kind(task, "reduce")),
+        };
+        let reduced = self.outcome(task.clone(), result)?;
+        self.check_count(task, reduced, lists.len())
+    }
+
+    /// A windowed plugin's `inverse-reduce`, or `None` if it has none.
+    pub fn inverse_reduce(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Option<Vec<Vec<u8>>>, TaskError> {
+        let task = format!("inverse-reducing {} window values", pairs.len());
+        let result = match &self.bindings {
+            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_inverse_reduce(&mut self.store, pairs),
+            _ => return Err(self.wrong_kind(task, "inverse-reduce")),
+        };
+        match self.outcome(task.clone(), result)? {
+            Some(values) => self.check_count(task, values, pairs.len()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Turns one state partition's window results into records with a windowed plugin's `present`.
+    pub fn present(&mut self, ctx: &BatchContext, results: &[KeyedValue]) -> Result<Vec<OutputRecord>, TaskError> {
+        let task = format!("window ({}, {}] of state partition {}", ctx.from_offset, ctx.until_offset, ctx.partition);
+        let result = match &self.bindings {
+            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_present(&mut self.store, ctx, results),
+            _ => return Err(self.wrong_kind(task, "present")),
+        };
+        self.outcome(task, result)
+    }
+
+    fn outcome<T>(&self, task: String, result: wasmtime::Result<Result<T, PluginError>>) -> Result<T, TaskError> {
+        let plugin = self.identity.info.name.clone();
+        match result {
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(TaskError::Plugin { plugin, task, message: describe_error(&error) }),
             Err(trap) => Err(TaskError::Trap { plugin, task, message: format!("{trap:#}") }),
         }
     }
 
+    fn check_count<T>(&self, task: String, values: Vec<T>, expected: usize) -> Result<Vec<T>, TaskError> {
+        if values.len() == expected {
+            return Ok(values);
+        }
+        let message = format!("answered {} values for {expected} inputs", values.len());
+        Err(TaskError::Plugin { plugin: self.identity.info.name.clone(), task, message })
+    }
+
+    /// The engine calls only what the plugin's kind offers; this guards the contract.
+    fn wrong_kind(&self, task: String, function: &str) -> TaskError {
+        let message = format!("has no `{function}`: it is not the kind of plugin this job runs");
+        TaskError::Plugin { plugin: self.identity.info.name.clone(), task, message }
+    }
+
     fn describe(&mut self) -> Result<PluginInfo> {
-        let info = self
-            .bindings
-            .sluice_plugin_lifecycle()
-            .call_describe(&mut self.store)
-            .map_err(|trap| anyhow!("trapped in describe: {trap:#}"))?;
+        let info = match &self.bindings {
+            Bindings::Transform(b) => b.call_describe(&mut self.store),
+            Bindings::Stateful(b) => b.call_describe(&mut self.store),
+            Bindings::Windowed(b) => b.call_describe(&mut self.store),
+        };
+        let info = info.map_err(|trap| anyhow!("trapped in describe: {trap:#}"))?;
         self.store.data_mut().plugin = info.name.clone();
         Ok(info)
     }
@@ -217,9 +380,9 @@ impl WasiView for InstanceState {
     }
 }
 
-impl bindings::sluice::plugin::types::Host for InstanceState {}
+impl transformer::sluice::plugin::types::Host for InstanceState {}
 
-impl bindings::sluice::plugin::host::Host for InstanceState {
+impl transformer::sluice::plugin::host::Host for InstanceState {
     fn log(&mut self, level: Level, message: String) {
         let (plugin, task) = (&self.plugin, &self.task);
         match level {

@@ -17,8 +17,8 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use ranges::{
-    AutoOffsetReset, OffsetRange, OnOffsetOutOfRange, Repositioned, StartPosition, TopicPartition, check_in_log, plan_range,
-    start_position,
+    AutoOffsetReset, OffsetRange, OnOffsetOutOfRange, Repositioned, StartCandidates, StartPosition, TopicPartition,
+    check_in_log, plan_range, start_position,
 };
 
 use crate::config::{JobConfig, Topics};
@@ -42,6 +42,8 @@ pub struct KafkaSource {
     /// ListOffsets would wait behind the long-polling Fetch (up to `fetch.wait.max.ms`).
     queries: BaseConsumer,
     cursors: BTreeMap<TopicPartition, Cursor>,
+    /// Where the checkpoint says each partition continues; beats the group's offsets.
+    checkpointed: BTreeMap<TopicPartition, i64>,
     /// The longest the source waits on brokers (connecting, listing offsets, fetching).
     broker_timeout: Duration,
     /// The bootstrap servers, for error messages.
@@ -69,9 +71,9 @@ pub struct PlannedRange {
 
 impl KafkaSource {
     /// Connects, discovers the job's partitions, picks each one's starting offset
-    /// (`--start` > committed > `--auto-offset-reset`) and assigns them. Unreachable brokers
-    /// are retried with a log line each time until `broker_timeout`.
-    pub fn connect(job: &JobConfig) -> Result<KafkaSource> {
+    /// (`--start` > `checkpointed` > committed > `--auto-offset-reset`) and assigns them.
+    /// Unreachable brokers are retried with a log line each time until `broker_timeout`.
+    pub fn connect(job: &JobConfig, checkpointed: BTreeMap<TopicPartition, i64>) -> Result<KafkaSource> {
         let mut config = job.kafka_client_config();
         config
             .set("group.id", &job.group)
@@ -85,6 +87,7 @@ impl KafkaSource {
             consumer,
             queries,
             cursors: BTreeMap::new(),
+            checkpointed,
             broker_timeout: job.broker_timeout,
             brokers: job.brokers.clone(),
             topics: job.topics.clone(),
@@ -144,12 +147,12 @@ impl KafkaSource {
             let bounds = self.retry(&format!("read the log bounds of {partition}"), |consumer, timeout| {
                 consumer.fetch_watermarks(&partition.topic, partition.partition, timeout)
             })?;
-            let start = start_position(
-                explicit.get(&partition).copied(),
-                committed.get(&partition).copied(),
-                self.auto_offset_reset,
-                bounds,
-            );
+            let candidates = StartCandidates {
+                explicit: explicit.get(&partition).copied(),
+                checkpoint: self.checkpointed.get(&partition).copied(),
+                committed: committed.get(&partition).copied(),
+            };
+            let start = start_position(candidates, self.auto_offset_reset, bounds);
             let mut offset = start.offset();
             match check_in_log(&partition, offset, bounds, self.on_out_of_range)? {
                 None => tracing::info!("{partition} starts at offset {start}"),

@@ -99,6 +99,8 @@ pub enum AutoOffsetReset {
 pub enum StartPosition {
     /// `--start TOPIC:PARTITION=OFFSET`.
     Explicit(i64),
+    /// Where the job's checkpoint (`--checkpoint`) says the last committed batch ended.
+    Checkpoint(i64),
     /// The offset committed to the consumer group.
     Committed(i64),
     /// No position known: `--auto-offset-reset`.
@@ -108,7 +110,10 @@ pub enum StartPosition {
 impl StartPosition {
     pub fn offset(self) -> i64 {
         match self {
-            StartPosition::Explicit(offset) | StartPosition::Committed(offset) | StartPosition::Reset(_, offset) => offset,
+            StartPosition::Explicit(offset)
+            | StartPosition::Checkpoint(offset)
+            | StartPosition::Committed(offset)
+            | StartPosition::Reset(_, offset) => offset,
         }
     }
 }
@@ -117,6 +122,7 @@ impl fmt::Display for StartPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartPosition::Explicit(offset) => write!(f, "{offset} (--start)"),
+            StartPosition::Checkpoint(offset) => write!(f, "{offset} (checkpoint)"),
             StartPosition::Committed(offset) => write!(f, "{offset} (committed)"),
             StartPosition::Reset(AutoOffsetReset::Earliest, offset) => write!(f, "{offset} (earliest)"),
             StartPosition::Reset(AutoOffsetReset::Latest, offset) => write!(f, "{offset} (latest)"),
@@ -124,19 +130,27 @@ impl fmt::Display for StartPosition {
     }
 }
 
-/// Picks a partition's starting offset. Precedence, highest first: an explicit `--start`,
-/// the group's committed offset, then the reset policy against the log's current bounds
-/// `[low, high)`. Whether the result is still in the log is [`check_in_log`]'s business.
-pub fn start_position(
-    explicit: Option<i64>,
-    committed: Option<i64>,
-    reset: AutoOffsetReset,
-    (low, high): (i64, i64),
-) -> StartPosition {
-    match (explicit, committed) {
-        (Some(offset), _) => StartPosition::Explicit(offset),
-        (None, Some(offset)) => StartPosition::Committed(offset),
-        (None, None) => match reset {
+/// Where a partition could start, one candidate per source of truth.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartCandidates {
+    /// `--start TOPIC:PARTITION=OFFSET`.
+    pub explicit: Option<i64>,
+    /// The checkpoint's offset: it moves in the same transaction as the job's state.
+    pub checkpoint: Option<i64>,
+    /// The consumer group's committed offset.
+    pub committed: Option<i64>,
+}
+
+/// Picks a partition's starting offset. Precedence, highest first: an explicit `--start`, the
+/// checkpoint, the group's committed offset, then the reset policy against the log's current
+/// bounds `[low, high)`. Whether the result is still in the log is [`check_in_log`]'s business.
+pub fn start_position(candidates: StartCandidates, reset: AutoOffsetReset, (low, high): (i64, i64)) -> StartPosition {
+    let StartCandidates { explicit, checkpoint, committed } = candidates;
+    match (explicit, checkpoint, committed) {
+        (Some(offset), _, _) => StartPosition::Explicit(offset),
+        (None, Some(offset), _) => StartPosition::Checkpoint(offset),
+        (None, None, Some(offset)) => StartPosition::Committed(offset),
+        (None, None, None) => match reset {
             AutoOffsetReset::Earliest => StartPosition::Reset(reset, low),
             AutoOffsetReset::Latest => StartPosition::Reset(reset, high),
         },
@@ -210,22 +224,32 @@ mod tests {
         TopicPartition::new("in", 3)
     }
 
+    fn candidates(explicit: Option<i64>, checkpoint: Option<i64>, committed: Option<i64>) -> StartCandidates {
+        StartCandidates { explicit, checkpoint, committed }
+    }
+
     #[test]
     fn explicit_start_beats_committed_and_reset() {
-        let start = start_position(Some(5), Some(9), AutoOffsetReset::Latest, (0, 20));
+        let start = start_position(candidates(Some(5), Some(7), Some(9)), AutoOffsetReset::Latest, (0, 20));
         assert_eq!(start, StartPosition::Explicit(5));
     }
 
     #[test]
+    fn the_checkpoint_beats_committed_offsets() {
+        let start = start_position(candidates(None, Some(7), Some(9)), AutoOffsetReset::Latest, (0, 20));
+        assert_eq!(start, StartPosition::Checkpoint(7));
+    }
+
+    #[test]
     fn committed_beats_reset() {
-        let start = start_position(None, Some(9), AutoOffsetReset::Earliest, (0, 20));
+        let start = start_position(candidates(None, None, Some(9)), AutoOffsetReset::Earliest, (0, 20));
         assert_eq!(start, StartPosition::Committed(9));
     }
 
     #[test]
     fn reset_uses_the_log_bounds() {
-        let earliest = start_position(None, None, AutoOffsetReset::Earliest, (4, 20));
-        let latest = start_position(None, None, AutoOffsetReset::Latest, (4, 20));
+        let earliest = start_position(candidates(None, None, None), AutoOffsetReset::Earliest, (4, 20));
+        let latest = start_position(candidates(None, None, None), AutoOffsetReset::Latest, (4, 20));
         assert_eq!((earliest.offset(), latest.offset()), (4, 20));
     }
 

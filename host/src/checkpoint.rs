@@ -1,0 +1,489 @@
+//! The checkpoint: offsets, keyed state, window panes and plugin history in one embedded ACID
+//! file, written in one transaction per batch.
+//!
+//! Unlike Spark's checkpoint it holds no code, only data keyed by bytes the plugin chose, so
+//! any later plugin version (same state schema) resumes from it. The file is `checkpoint.redb`
+//! inside the `--checkpoint` directory. A batch is recorded in two steps:
+//!
+//! 1. [`Checkpoint::begin_batch`] records the batch's plan (time and offset ranges) before
+//!    anything is fetched, so a batch interrupted by a crash is replayed with the same ranges
+//!    and the same batch time.
+//! 2. [`Checkpoint::commit`] records the batch's results: every partition's new offset, the
+//!    state changes, the window panes and which plugin produced them; the plan is cleared.
+//!
+//! Group offsets are committed to Kafka after step 2, for lag tooling only.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use redb::{
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::PluginIdentity;
+use crate::source::{OffsetRange, TopicPartition};
+
+const EMPTY: &[u8] = &[];
+
+/// The file inside the checkpoint directory.
+pub const FILE_NAME: &str = "checkpoint.redb";
+/// Written at creation and checked at every open, so a foreign redb file is never mistaken
+/// for a checkpoint, and a future layout can be told apart.
+const FORMAT: &str = "sluice-checkpoint/1";
+
+/// Small facts: `format`, `state-partitions`, `last-batch`, `pending` (JSON plan).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (topic, partition) → the offset the next batch starts at.
+const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+/// key → (batch time of the key's last update, state bytes).
+const STATE: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("state");
+/// (batch time of last update, key) → (): finds idle keys without reading the whole state.
+const TOUCHED: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("state-touched");
+/// (key, batch time) → the key's values of that batch, reduced: one window pane.
+const PANES: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("window-panes");
+/// key → (window end, value): the last window result, for inverse-reduce updates.
+const WINDOWS: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("window-results");
+/// first batch time → JSON [`PluginRun`]: which plugin processed which batches.
+const PLUGINS: TableDefinition<i64, &str> = TableDefinition::new("plugins");
+
+/// A batch planned but not yet committed, replayed exactly after a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingBatch {
+    pub batch_time: i64,
+    pub ranges: Vec<OffsetRange>,
+}
+
+/// One plugin build's stretch of batches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRun {
+    pub name: String,
+    pub version: String,
+    pub state_schema_version: u32,
+    /// SHA-256 of the component file.
+    pub digest: String,
+    pub first_batch: i64,
+    pub last_batch: i64,
+    pub batches: u64,
+}
+
+impl fmt::Display for PluginRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} (state schema {}, sha256 {}): {} batches, {} ms to {} ms",
+            self.name,
+            self.version,
+            self.state_schema_version,
+            &self.digest[..self.digest.len().min(12)],
+            self.batches,
+            self.first_batch,
+            self.last_batch
+        )
+    }
+}
+
+/// Where a job resumes, as the checkpoint has it.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub offsets: BTreeMap<TopicPartition, i64>,
+    pub last_batch: Option<i64>,
+    pub pending: Option<PendingBatch>,
+    /// The most recent plugin run, if any batch was committed.
+    pub last_plugin: Option<PluginRun>,
+    /// Whether any keyed state or window pane is stored.
+    pub has_state: bool,
+}
+
+/// A key's stored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredState {
+    /// Batch time of the key's last update.
+    pub touched: i64,
+    pub bytes: Vec<u8>,
+}
+
+/// What a batch does to one key's state.
+#[derive(Debug, Clone)]
+pub enum StateWrite {
+    /// The key now holds `bytes`, updated at the batch's time.
+    Put { key: Vec<u8>, bytes: Vec<u8>, previous_touched: Option<i64> },
+    /// The key is gone.
+    Remove { key: Vec<u8>, previous_touched: i64 },
+}
+
+/// Everything one batch changes, committed at once.
+#[derive(Debug, Default)]
+pub struct BatchChanges {
+    pub state: Vec<StateWrite>,
+    /// New panes, at the batch's time.
+    pub panes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Panes that left every window, by (key, pane time).
+    pub expired_panes: Vec<(Vec<u8>, i64)>,
+    /// Window results kept for the next slide's inverse reduce.
+    pub window_results: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Keys whose kept window result is dropped.
+    pub dropped_windows: Vec<Vec<u8>>,
+}
+
+/// Counts of one state partition, for `host checkpoint inspect`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// An open checkpoint, owned by one job at a time (redb locks the file).
+pub struct Checkpoint {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`, creating the directory and an empty checkpoint on first
+    /// use. A file that is not a Sluice checkpoint is an error naming it, never a fresh start.
+    /// `state_partitions` is recorded at creation; afterwards the recorded number is used.
+    pub fn open(dir: &Path, state_partitions: u32) -> Result<Checkpoint> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        let path = dir.join(FILE_NAME);
+        let fresh = !path.exists();
+        let db = if fresh { Database::create(&path) } else { Database::open(&path) }.map_err(|e| open_error(&path, e))?;
+        let checkpoint = Checkpoint { db, path };
+        if fresh {
+            let txn = checkpoint.db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert("format", FORMAT.as_bytes())?;
+                meta.insert("state-partitions", state_partitions.to_le_bytes().as_slice())?;
+                // Create every table, so readers never meet a missing one.
+                txn.open_table(OFFSETS)?;
+                txn.open_table(STATE)?;
+                txn.open_table(TOUCHED)?;
+                txn.open_table(PANES)?;
+                txn.open_table(WINDOWS)?;
+                txn.open_table(PLUGINS)?;
+            }
+            txn.commit().with_context(|| format!("cannot initialise checkpoint {}", checkpoint.path.display()))?;
+        } else {
+            check_format(&checkpoint.db.begin_read()?, &checkpoint.path)?;
+        }
+        Ok(checkpoint)
+    }
+
+    /// The checkpoint file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many state partitions the job's keyed state is split into.
+    pub fn state_partitions(&self) -> Result<u32> {
+        read_state_partitions(&self.db.begin_read()?)
+    }
+
+    /// Where the job resumes.
+    pub fn resume(&self) -> Result<Resume> {
+        read_resume(&self.db.begin_read()?)
+    }
+
+    /// Records a batch's plan before it is fetched. A durable write of its own, so that a
+    /// crash at any later point replays exactly this batch.
+    pub fn begin_batch(&self, pending: &PendingBatch) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert("pending", serde_json::to_vec(pending)?.as_slice())?;
+        txn.commit().with_context(|| format!("cannot record batch {} ms in {}", pending.batch_time, self.path.display()))
+    }
+
+    /// Forgets a recorded plan (an explicit `--start` overrides it).
+    pub fn discard_pending(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.remove("pending")?;
+        txn.commit().with_context(|| format!("cannot update {}", self.path.display()))
+    }
+
+    /// The stored state of each of `keys`, in order.
+    pub fn read_state(&self, keys: &[&[u8]]) -> Result<Vec<Option<StoredState>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(STATE)?;
+        keys.iter()
+            .map(|key| {
+                Ok(table.get(*key)?.map(|guard| {
+                    let (touched, bytes) = guard.value();
+                    StoredState { touched, bytes: bytes.to_vec() }
+                }))
+            })
+            .collect()
+    }
+
+    /// Every key whose last update was at or before `idle_since`, with its state.
+    pub fn idle_keys(&self, idle_since: i64) -> Result<Vec<(Vec<u8>, StoredState)>> {
+        let txn = self.db.begin_read()?;
+        let touched = txn.open_table(TOUCHED)?;
+        let state = txn.open_table(STATE)?;
+        let mut idle = Vec::new();
+        // (t, key) sorts by time first, so everything before (idle_since + 1, "") is idle.
+        for entry in touched.range(..(idle_since + 1, EMPTY))? {
+            let (entry, _) = entry?;
+            let (_, key) = entry.value();
+            if let Some(guard) = state.get(key)? {
+                let (touched, bytes) = guard.value();
+                idle.push((key.to_vec(), StoredState { touched, bytes: bytes.to_vec() }));
+            }
+        }
+        Ok(idle)
+    }
+
+    /// Every stored window pane, by key, in pane time order.
+    pub fn panes(&self) -> Result<BTreeMap<Vec<u8>, Vec<(i64, Vec<u8>)>>> {
+        let txn = self.db.begin_read()?;
+        let mut panes: BTreeMap<Vec<u8>, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+        for entry in txn.open_table(PANES)?.iter()? {
+            let (key, value) = entry?;
+            let (key, time) = key.value();
+            panes.entry(key.to_vec()).or_default().push((time, value.value().to_vec()));
+        }
+        Ok(panes)
+    }
+
+    /// The kept window result of each key that has one: (window end, value).
+    pub fn window_results(&self) -> Result<BTreeMap<Vec<u8>, (i64, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let mut results = BTreeMap::new();
+        for entry in txn.open_table(WINDOWS)?.iter()? {
+            let (key, value) = entry?;
+            let (end, bytes) = value.value();
+            results.insert(key.value().to_vec(), (end, bytes.to_vec()));
+        }
+        Ok(results)
+    }
+
+    /// Commits one batch: its offsets, state changes, panes and plugin, and clears its plan.
+    /// After this returns the batch is done; a crash before it replays the batch.
+    pub fn commit(&self, batch_time: i64, ranges: &[OffsetRange], changes: &BatchChanges, plugin: &PluginIdentity) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut offsets = txn.open_table(OFFSETS)?;
+            for range in ranges {
+                offsets.insert((range.partition.topic.as_str(), range.partition.partition), range.until)?;
+            }
+            let mut state = txn.open_table(STATE)?;
+            let mut touched = txn.open_table(TOUCHED)?;
+            for write in &changes.state {
+                match write {
+                    StateWrite::Put { key, bytes, previous_touched } => {
+                        if let Some(previous) = previous_touched {
+                            touched.remove((*previous, key.as_slice()))?;
+                        }
+                        state.insert(key.as_slice(), (batch_time, bytes.as_slice()))?;
+                        touched.insert((batch_time, key.as_slice()), ())?;
+                    }
+                    StateWrite::Remove { key, previous_touched } => {
+                        touched.remove((*previous_touched, key.as_slice()))?;
+                        state.remove(key.as_slice())?;
+                    }
+                }
+            }
+            let mut panes = txn.open_table(PANES)?;
+            for (key, value) in &changes.panes {
+                panes.insert((key.as_slice(), batch_time), value.as_slice())?;
+            }
+            for (key, time) in &changes.expired_panes {
+                panes.remove((key.as_slice(), *time))?;
+            }
+            let mut windows = txn.open_table(WINDOWS)?;
+            for (key, value) in &changes.window_results {
+                windows.insert(key.as_slice(), (batch_time, value.as_slice()))?;
+            }
+            for key in &changes.dropped_windows {
+                windows.remove(key.as_slice())?;
+            }
+
+            let mut plugins = txn.open_table(PLUGINS)?;
+            let last: Option<PluginRun> = match plugins.last()? {
+                Some((_, json)) => Some(serde_json::from_str(json.value())?),
+                None => None,
+            };
+            let run = match last {
+                Some(mut run) if run.digest == plugin.digest => {
+                    run.last_batch = batch_time;
+                    run.batches += 1;
+                    run
+                }
+                _ => PluginRun {
+                    name: plugin.info.name.clone(),
+                    version: plugin.info.version.clone(),
+                    state_schema_version: plugin.info.state_schema_version,
+                    digest: plugin.digest.clone(),
+                    first_batch: batch_time,
+                    last_batch: batch_time,
+                    batches: 1,
+                },
+            };
+            plugins.insert(run.first_batch, serde_json::to_string(&run)?.as_str())?;
+
+            let mut meta = txn.open_table(META)?;
+            meta.insert("last-batch", batch_time.to_le_bytes().as_slice())?;
+            meta.remove("pending")?;
+        }
+        crate::failpoint::reached("checkpoint");
+        txn.commit().with_context(|| format!("cannot commit batch {batch_time} ms to {}", self.path.display()))
+    }
+}
+
+/// A read-only view for `host checkpoint inspect`, usable while no job holds the file.
+pub struct CheckpointView {
+    db: ReadOnlyDatabase,
+    path: PathBuf,
+}
+
+impl CheckpointView {
+    /// Opens the checkpoint in `dir` without changing it.
+    pub fn open(dir: &Path) -> Result<CheckpointView> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            bail!("no checkpoint in {} (expected {})", dir.display(), path.display());
+        }
+        let db = ReadOnlyDatabase::open(&path).map_err(|e| open_error(&path, e))?;
+        check_format(&db.begin_read()?, &path)?;
+        Ok(CheckpointView { db, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The resume point, as a job would see it.
+    pub fn resume(&self) -> Result<Resume> {
+        read_resume(&self.db.begin_read()?)
+    }
+
+    /// Every plugin run, oldest first.
+    pub fn plugin_runs(&self) -> Result<Vec<PluginRun>> {
+        let txn = self.db.begin_read()?;
+        let mut runs = Vec::new();
+        for entry in txn.open_table(PLUGINS)?.iter()? {
+            runs.push(serde_json::from_str(entry?.1.value())?);
+        }
+        Ok(runs)
+    }
+
+    pub fn state_partitions(&self) -> Result<u32> {
+        read_state_partitions(&self.db.begin_read()?)
+    }
+
+    /// Key count and bytes per state partition (state and panes together), plus the first
+    /// `samples` keys with their state.
+    pub fn state_stats(&self, samples: usize) -> Result<(Vec<PartitionStats>, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let txn = self.db.begin_read()?;
+        let partitions = read_state_partitions(&txn)?;
+        let mut stats = vec![PartitionStats::default(); partitions as usize];
+        let mut sample = Vec::new();
+        for entry in txn.open_table(STATE)?.iter()? {
+            let (key, value) = entry?;
+            let (key, (_, bytes)) = (key.value(), value.value());
+            let partition = &mut stats[state_partition(key, partitions) as usize];
+            partition.keys += 1;
+            partition.bytes += (key.len() + bytes.len()) as u64;
+            if sample.len() < samples {
+                sample.push((key.to_vec(), bytes.to_vec()));
+            }
+        }
+        let mut last_key: Option<Vec<u8>> = None;
+        for entry in txn.open_table(PANES)?.iter()? {
+            let (key, value) = entry?;
+            let ((key, _), bytes) = (key.value(), value.value());
+            let partition = &mut stats[state_partition(key, partitions) as usize];
+            if last_key.as_deref() != Some(key) {
+                partition.keys += 1;
+                last_key = Some(key.to_vec());
+                if sample.len() < samples {
+                    sample.push((key.to_vec(), bytes.to_vec()));
+                }
+            }
+            partition.bytes += (key.len() + 8 + bytes.len()) as u64;
+        }
+        Ok((stats, sample))
+    }
+
+    /// Every key's state, in key order (for tests and debugging).
+    pub fn state(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let mut state = BTreeMap::new();
+        for entry in txn.open_table(STATE)?.iter()? {
+            let (key, value) = entry?;
+            state.insert(key.value().to_vec(), value.value().1.to_vec());
+        }
+        Ok(state)
+    }
+}
+
+/// The state partition a key belongs to: FNV-1a of its bytes, so the split is stable across
+/// runs, platforms and Rust versions (unlike `std`'s hasher).
+pub fn state_partition(key: &[u8], partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
+    let meta = txn.open_table(META)?;
+    let mut offsets = BTreeMap::new();
+    for entry in txn.open_table(OFFSETS)?.iter()? {
+        let (key, offset) = entry?;
+        let (topic, partition) = key.value();
+        offsets.insert(TopicPartition::new(topic, partition), offset.value());
+    }
+    let last_batch = meta.get("last-batch")?.map(|bytes| i64_from(bytes.value()));
+    let pending = match meta.get("pending")? {
+        Some(json) => Some(serde_json::from_slice(json.value()).context("unreadable pending batch in the checkpoint")?),
+        None => None,
+    };
+    let last_plugin = match txn.open_table(PLUGINS)?.last()? {
+        Some((_, json)) => Some(serde_json::from_str(json.value()).context("unreadable plugin record in the checkpoint")?),
+        None => None,
+    };
+    let has_state = !txn.open_table(STATE)?.is_empty()? || !txn.open_table(PANES)?.is_empty()?;
+    Ok(Resume { offsets, last_batch, pending, last_plugin, has_state })
+}
+
+fn check_format(txn: &ReadTransaction, path: &Path) -> Result<()> {
+    let foreign = || format!("{} is not a Sluice checkpoint (no `{FORMAT}` marker); refusing to start over it", path.display());
+    let meta = txn.open_table(META).with_context(foreign)?;
+    let format = meta.get("format").with_context(foreign)?.with_context(foreign)?;
+    if format.value() != FORMAT.as_bytes() {
+        bail!(
+            "{} is a checkpoint of format {:?}, this host reads {FORMAT:?}",
+            path.display(),
+            String::from_utf8_lossy(format.value())
+        );
+    }
+    Ok(())
+}
+
+fn read_state_partitions(txn: &ReadTransaction) -> Result<u32> {
+    let meta = txn.open_table(META)?;
+    let bytes = meta.get("state-partitions")?.context("the checkpoint does not record its state partitions")?;
+    let array: [u8; 4] = bytes.value().try_into().context("malformed state partition count in the checkpoint")?;
+    Ok(u32::from_le_bytes(array))
+}
+
+fn open_error(path: &Path, error: redb::DatabaseError) -> anyhow::Error {
+    match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            anyhow::anyhow!("checkpoint {} is in use by another job", path.display())
+        }
+        error => anyhow::anyhow!(
+            "{} is not a readable Sluice checkpoint ({error}); refusing to start over it — \
+             move it away to start from scratch",
+            path.display()
+        ),
+    }
+}
+
+fn i64_from(bytes: &[u8]) -> i64 {
+    i64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+}

@@ -1,0 +1,108 @@
+//! The stateful step of a batch (`updateStateByKey` / `mapWithState`): shuffle the keyed values
+//! of every partition task into state partitions, load the prior state of exactly the keys
+//! that have new values (plus those timing out), call `update` once per state partition, and
+//! turn the answers into checkpoint writes and outputs.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use super::parallel::run_parallel;
+use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, state_partition};
+use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, StateChange};
+
+/// What the stateful step needs besides the batch's values.
+pub struct StateStep<'a> {
+    pub checkpoint: &'a Checkpoint,
+    pub partitions: u32,
+    /// `--state-timeout`, in milliseconds.
+    pub timeout_ms: Option<i64>,
+    pub batch_time: i64,
+}
+
+/// One state partition's call: its groups and, per group, when the key was last updated.
+struct StateTask {
+    context: BatchContext,
+    groups: Vec<KeyGroup>,
+    previous_touched: Vec<Option<i64>>,
+}
+
+impl StateStep<'_> {
+    /// Runs `update` over `values` (each partition task's keyed values, in task order), adds
+    /// the state writes to `changes` and returns the outputs, in state partition order.
+    pub fn run(
+        &self,
+        instances: &mut [PluginInstance],
+        values: Vec<Vec<KeyedValue>>,
+        changes: &mut BatchChanges,
+    ) -> Result<Vec<OutputRecord>> {
+        // The shuffle: equal keys meet, whichever input partition they came from, with their
+        // values in input partition order, then offset order.
+        let mut shuffled: Vec<BTreeMap<Vec<u8>, Vec<Vec<u8>>>> = vec![BTreeMap::new(); self.partitions as usize];
+        for value in values.into_iter().flatten() {
+            let partition = state_partition(&value.key, self.partitions) as usize;
+            shuffled[partition].entry(value.key).or_default().push(value.value);
+        }
+
+        let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
+        let mut prior = keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
+        let mut timing_out: Vec<BTreeMap<Vec<u8>, ()>> = vec![BTreeMap::new(); self.partitions as usize];
+        if let Some(timeout) = self.timeout_ms {
+            for (key, stored) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
+                let partition = state_partition(&key, self.partitions) as usize;
+                if !shuffled[partition].contains_key(&key) {
+                    timing_out[partition].insert(key.clone(), ());
+                    prior.insert(key, Some(stored));
+                }
+            }
+        }
+
+        let mut tasks = Vec::new();
+        for (partition, (groups, idle)) in shuffled.into_iter().zip(timing_out).enumerate() {
+            if groups.is_empty() && idle.is_empty() {
+                continue;
+            }
+            let mut task = StateTask {
+                context: BatchContext {
+                    topic: String::new(),
+                    partition: partition as i32,
+                    from_offset: 0,
+                    until_offset: 0,
+                    batch_time: self.batch_time,
+                },
+                groups: Vec::with_capacity(groups.len() + idle.len()),
+                previous_touched: Vec::with_capacity(groups.len() + idle.len()),
+            };
+            let entries = groups.into_iter().map(|(key, values)| (key, values, false));
+            let idle = idle.into_keys().map(|key| (key, Vec::new(), true));
+            for (key, values, timing_out) in entries.chain(idle) {
+                let stored = prior.remove(&key).flatten();
+                task.previous_touched.push(stored.as_ref().map(|stored| stored.touched));
+                task.groups.push(KeyGroup { key, values, state: stored.map(|stored| stored.bytes), timing_out });
+            }
+            tasks.push(task);
+        }
+
+        let answers = run_parallel(instances, &tasks, |instance, task| instance.update(&task.context, &task.groups))?;
+        let mut outputs = Vec::new();
+        for (task, updates) in tasks.into_iter().zip(answers) {
+            for ((group, previous_touched), update) in task.groups.into_iter().zip(task.previous_touched).zip(updates) {
+                outputs.extend(update.outputs);
+                let key = group.key;
+                let change = if group.timing_out { StateChange::Remove } else { update.change };
+                let write = match (change, group.state, previous_touched) {
+                    // Kept state is rewritten too: the key was active, which resets its timeout.
+                    (StateChange::Keep, Some(bytes), previous_touched) => {
+                        Some(StateWrite::Put { key, bytes, previous_touched })
+                    }
+                    (StateChange::Keep, None, _) => None,
+                    (StateChange::Set(bytes), _, previous_touched) => Some(StateWrite::Put { key, bytes, previous_touched }),
+                    (StateChange::Remove, _, Some(previous_touched)) => Some(StateWrite::Remove { key, previous_touched }),
+                    (StateChange::Remove, _, None) => None,
+                };
+                changes.state.extend(write);
+            }
+        }
+        Ok(outputs)
+    }
+}

@@ -1,0 +1,78 @@
+//! `host checkpoint inspect` and `host checkpoint dump`: a checkpoint, readable by people and
+//! by scripts, without running a job.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::checkpoint::CheckpointView;
+
+/// How many keys `inspect` shows as samples.
+const SAMPLE_KEYS: usize = 5;
+/// Longest state shown per sample key, in characters.
+const SAMPLE_WIDTH: usize = 60;
+
+/// The report of `host checkpoint inspect DIR`.
+pub fn inspect(dir: &Path) -> Result<String> {
+    let view = CheckpointView::open(dir)?;
+    let resume = view.resume()?;
+    let mut text = String::new();
+    writeln!(text, "checkpoint {}", view.path().display())?;
+    match resume.last_batch {
+        Some(time) => writeln!(text, "last batch: {time} ms ({})", utc(time))?,
+        None => writeln!(text, "last batch: none committed yet")?,
+    }
+    if let Some(pending) = &resume.pending {
+        writeln!(text, "interrupted batch: {} ms, replayed with the same ranges on the next start", pending.batch_time)?;
+    }
+    writeln!(text, "offsets (next batch starts at):")?;
+    if resume.offsets.is_empty() {
+        writeln!(text, "  none")?;
+    }
+    for (partition, offset) in &resume.offsets {
+        writeln!(text, "  {partition}  {offset}")?;
+    }
+    writeln!(text, "plugins (oldest first):")?;
+    for run in view.plugin_runs()? {
+        writeln!(text, "  {run}")?;
+    }
+    let (partitions, samples) = view.state_stats(SAMPLE_KEYS)?;
+    let keys: u64 = partitions.iter().map(|p| p.keys).sum();
+    let bytes: u64 = partitions.iter().map(|p| p.bytes).sum();
+    writeln!(text, "state: {keys} keys, {bytes} bytes in {} state partitions", partitions.len())?;
+    for (index, partition) in partitions.iter().enumerate() {
+        writeln!(text, "  partition {index}: {} keys, {} bytes", partition.keys, partition.bytes)?;
+    }
+    if !samples.is_empty() {
+        writeln!(text, "sample keys:")?;
+        for (key, state) in samples {
+            let state: String = String::from_utf8_lossy(&state).chars().take(SAMPLE_WIDTH).collect();
+            writeln!(text, "  {:?} = {state:?}", String::from_utf8_lossy(&key))?;
+        }
+    }
+    Ok(text)
+}
+
+/// The output of `host checkpoint dump DIR`: every key's state as one JSON object per line,
+/// `{"key": ..., "state": ...}`, UTF-8 text where the bytes are UTF-8, else `{"hex": ...}`.
+pub fn dump(dir: &Path) -> Result<String> {
+    let view = CheckpointView::open(dir)?;
+    let mut text = String::new();
+    for (key, state) in view.state()? {
+        let line = serde_json::json!({ "key": readable(&key), "state": readable(&state) });
+        writeln!(text, "{line}")?;
+    }
+    Ok(text)
+}
+
+fn readable(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_string()),
+        Err(_) => serde_json::json!({ "hex": bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+    }
+}
+
+fn utc(time_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(time_ms).map_or_else(|| "?".into(), |time| time.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+}
