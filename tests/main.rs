@@ -19,3 +19,5 @@ mod demo;
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
 mod graceful_stop;
+/// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
+mod stateful;

@@ -1,0 +1,239 @@
+//! Word count (`updateStateByKey`) as a separate process: exact state and outputs against an
+//! independent count, across restarts and across seeded crashes and kill -9s at every phase.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{BrokerProcess, Input, consume, host, offsets, produce, run_host, unique};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const PARTITIONS: i32 = 3;
+
+/// A small deterministic generator, so every run of the suite sees the same "random" input
+/// and crash schedule, and a failure can be replayed.
+struct Seeded(u64);
+
+impl Seeded {
+    fn next(&mut self, below: u64) -> u64 {
+        // Knuth's MMIX LCG; the high bits are the good ones.
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// `count` lines of 1..=4 words from a 40-word vocabulary, spread over the partitions.
+fn lines(random: &mut Seeded, count: usize) -> Vec<Input> {
+    (0..count)
+        .map(|_| {
+            let words = 1 + random.next(4);
+            let value = (0..words).map(|_| format!("w{}", random.next(40))).collect::<Vec<_>>().join(" ");
+            Input { partition: random.next(PARTITIONS as u64) as i32, key: None, value }
+        })
+        .collect()
+}
+
+/// The word counts of `inputs`, computed here without the plugin.
+fn count(inputs: &[Input]) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for word in inputs.iter().flat_map(|input| input.value.split_whitespace()) {
+        *counts.entry(word.to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The checkpoint's state, read with `host checkpoint dump`.
+fn checkpoint_state(dir: &Path) -> BTreeMap<String, u64> {
+    let run = run_host(host().args(["checkpoint", "dump"]).arg(dir), LIMIT);
+    run.assert_success();
+    run.stdout()
+        .lines()
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            (entry["key"].as_str().unwrap().to_string(), entry["state"].as_str().unwrap().parse().unwrap())
+        })
+        .collect()
+}
+
+/// The latest `(word,total)` output per word. Outputs are keyed by word, so each word's
+/// outputs share a partition and its last one is its latest.
+fn latest_outputs(brokers: &str, topic: &str) -> BTreeMap<String, u64> {
+    let mut records = consume(brokers, topic);
+    records.sort_by_key(|record| (record.partition, record.offset));
+    let mut latest = BTreeMap::new();
+    for record in records {
+        let value = record.value.unwrap();
+        let (word, total) = value.trim_matches(|c| c == '(' || c == ')').split_once(',').unwrap();
+        assert_eq!(record.key.as_deref(), Some(word), "outputs are keyed by their word");
+        latest.insert(word.to_string(), total.parse().unwrap());
+    }
+    latest
+}
+
+fn wordcount(brokers: &str, topic: &str, group: &str, output: &str, checkpoint: &Path) -> Command {
+    let mut command = host();
+    command
+        .args(["run", "--plugin", sluice_plugin_artifacts::WORDCOUNT, "--brokers", brokers, "--topic", topic])
+        .args(["--group", group, "--output-topic", output, "--auto-offset-reset", "earliest"])
+        .args(["--batch-interval", "100ms", "--stop-when-caught-up", "--kafka", "fetch.wait.max.ms=20"])
+        // Five records per partition per batch: every run spans several batches.
+        .args(["--max-rate-per-partition", "50"])
+        .arg("--checkpoint")
+        .arg(checkpoint);
+    command
+}
+
+/// Asserts the checkpoint and the group both say every partition is read to its end.
+fn assert_everything_read(brokers: &str, topic: &str, group: &str, checkpoint: &Path) {
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(checkpoint), LIMIT);
+    for (partition, offsets) in offsets(brokers, topic, group) {
+        assert_eq!(offsets.committed, Some(offsets.end), "{topic}:{partition} committed vs log end");
+        let line = format!("  {topic}:{partition}  {}\n", offsets.end);
+        assert!(inspect.stdout().contains(&line), "checkpoint lacks {line:?}:\n{}", inspect.stdout());
+    }
+}
+
+#[test]
+fn word_counts_over_many_batches_and_a_restart_equal_an_independent_count() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, PARTITIONS), (&output, PARTITIONS)]);
+    let group = unique("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    let mut random = Seeded(7);
+
+    let mut produced = lines(&mut random, 150);
+    produce(&broker.brokers, &topic, &produced);
+    let first = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    first.assert_success();
+    assert!(first.summary().batches >= 5, "rate-limited into several batches:\n{}", first.stderr());
+    assert_eq!(checkpoint_state(&checkpoint), count(&produced));
+
+    // A second run resumes from the checkpoint: only the new lines are read, and counted on top.
+    let more = lines(&mut random, 90);
+    produce(&broker.brokers, &topic, &more);
+    produced.extend(more);
+    let second = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    second.assert_success();
+    assert_eq!(second.summary().records_in, 90);
+    assert!(second.stderr().contains("(checkpoint)"), "{}", second.stderr());
+
+    let expected = count(&produced);
+    assert_eq!(checkpoint_state(&checkpoint), expected);
+    assert_eq!(latest_outputs(&broker.brokers, &output), expected);
+    assert_everything_read(&broker.brokers, &topic, &group, &checkpoint);
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(&checkpoint), LIMIT).stdout();
+    assert!(inspect.contains(&format!("state: {} keys", expected.len())), "{inspect}");
+    assert!(inspect.contains("wordcount 0.1.0 (state schema 1"), "{inspect}");
+}
+
+/// The phases a crash point can stop a batch at, in batch order.
+const PHASES: [&str; 5] = ["fetch", "plugin", "deliver", "checkpoint", "commit"];
+
+#[test]
+fn crashes_at_every_phase_neither_lose_nor_double_count() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, PARTITIONS), (&output, PARTITIONS)]);
+    let group = unique("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    let mut random = Seeded(2026);
+    let mut produced = Vec::new();
+    let mut crashes: BTreeMap<&str, u32> = BTreeMap::new();
+
+    // 25 runs that end abruptly: 20 at crash points (each phase four times, in seeded order
+    // and at the 1st to 3rd batch of the run), 5 by kill -9 after a seeded delay. New input
+    // arrives before each, so there is always work in flight when the process dies.
+    let mut schedule: Vec<Option<&str>> = PHASES.iter().flat_map(|phase| [Some(*phase); 4]).collect();
+    schedule.extend([None; 5]);
+    for i in (1..schedule.len()).rev() {
+        schedule.swap(i, random.next(i as u64 + 1) as usize);
+    }
+    for crash in schedule {
+        let chunk = lines(&mut random, 60);
+        produce(&broker.brokers, &topic, &chunk);
+        produced.extend(chunk);
+        let mut command = wordcount(&broker.brokers, &topic, &group, &output, &checkpoint);
+        match crash {
+            Some(phase) => {
+                let nth = 1 + random.next(3);
+                command.env(sluice_host::failpoint::VARIABLE, format!("{phase}:{nth}"));
+                let run = run_host(&mut command, LIMIT);
+                assert!(!run.success(), "crash at {phase}:{nth} did not happen:\n{}", run.stderr());
+                assert!(run.stderr().contains(&format!("crashing at {phase} #{nth}")), "{}", run.stderr());
+            }
+            None => {
+                let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+                let started = Instant::now();
+                let delay = Duration::from_millis(150 + random.next(600));
+                while started.elapsed() < delay && child.try_wait().unwrap().is_none() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+            }
+        }
+        *crashes.entry(crash.unwrap_or("kill -9")).or_default() += 1;
+    }
+    assert_eq!(crashes.values().sum::<u32>(), 25);
+
+    let last = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    last.assert_success();
+    let expected = count(&produced);
+    assert_eq!(checkpoint_state(&checkpoint), expected, "state after {crashes:?}");
+    // Outputs are at-least-once (a crash after delivery repeats them), but the latest total
+    // per word is exact.
+    assert_eq!(latest_outputs(&broker.brokers, &output), expected);
+    assert_everything_read(&broker.brokers, &topic, &group, &checkpoint);
+}
+
+#[test]
+fn a_corrupt_or_foreign_checkpoint_is_refused_naming_the_file() {
+    let topic = unique("words");
+    let broker = BrokerProcess::start(&[(&topic, 1)]);
+    produce(&broker.brokers, &topic, &[Input { partition: 0, key: None, value: "a b".into() }]);
+    let group = unique("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+
+    let corrupt = dir.path().join("corrupt");
+    std::fs::create_dir(&corrupt).unwrap();
+    std::fs::write(corrupt.join("checkpoint.redb"), vec![0x5a; 8192]).unwrap();
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    {
+        let db = redb::Database::create(foreign.join("checkpoint.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("orders")).unwrap().insert("x", 1).unwrap();
+        txn.commit().unwrap();
+    }
+    for checkpoint in [&corrupt, &foreign] {
+        let run = run_host(&mut wordcount(&broker.brokers, &topic, &group, &unique("out"), checkpoint), LIMIT);
+        let file = checkpoint.join("checkpoint.redb").display().to_string();
+        run.assert_error(&[&file, "refusing to start over it"]);
+    }
+    let before = std::fs::read(corrupt.join("checkpoint.redb")).unwrap();
+    assert_eq!(before, vec![0x5a; 8192], "a refused checkpoint is left as it was");
+    assert_eq!(offsets(&broker.brokers, &topic, &group)[&0].committed, None, "no offset moved");
+}
+
+#[test]
+fn stateful_and_windowed_jobs_without_their_options_are_refused() {
+    let topic = unique("words");
+    let broker = BrokerProcess::start(&[(&topic, 1)]);
+    let run = |plugin: &str, extra: &[&str]| {
+        let mut command = host();
+        command.args(["run", "--plugin", plugin, "--brokers", &broker.brokers, "--topic", &topic, "--group", "g"]);
+        run_host(command.args(extra), LIMIT)
+    };
+    run(sluice_plugin_artifacts::WORDCOUNT, &[])
+        .assert_error(&["plugin wordcount is a stateful plugin", "pass --checkpoint DIR"]);
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().to_str().unwrap();
+    run(sluice_plugin_artifacts::WINDOWED_COUNT, &["--checkpoint", checkpoint])
+        .assert_error(&["windowed plugin", "pass --window DURATION"]);
+    run(sluice_plugin_artifacts::WINDOWED_COUNT, &["--checkpoint", checkpoint, "--batch-interval", "1s", "--window", "2500ms"])
+        .assert_error(&["--window 2s 500ms is not a multiple of --batch-interval 1s"]);
+    run(sluice_plugin_artifacts::WORDCOUNT, &["--checkpoint", checkpoint, "--window", "4s"])
+        .assert_error(&["--window is for windowed plugins; plugin wordcount is a stateful plugin"]);
+}
