@@ -21,3 +21,5 @@ mod flow_control;
 mod graceful_stop;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
+/// Windows and state timeouts against brute-force computations, across a restart.
+mod windows;

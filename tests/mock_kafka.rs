@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
@@ -28,6 +28,16 @@ impl<'a> Record<'a> {
     pub fn new(partition: i32, value: &'a str) -> Record<'a> {
         Record { partition, key: None, value, headers: &[] }
     }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: String,
+    pub headers: BTreeMap<String, String>,
 }
 
 pub struct MockKafka {
@@ -71,6 +81,13 @@ impl MockKafka {
 
     /// Every value in `topic`, sorted.
     pub fn values(&self, topic: &str) -> Vec<String> {
+        let mut values: Vec<String> = self.records(topic).into_iter().map(|record| record.value).collect();
+        values.sort();
+        values
+    }
+
+    /// Every record in `topic`, partition by partition, in offset order.
+    pub fn records(&self, topic: &str) -> Vec<Consumed> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", crate::harness::unique("reader"))
@@ -85,14 +102,25 @@ impl MockKafka {
             assignment.add_partition_offset(topic, partition.id(), Offset::Offset(low)).unwrap();
         }
         consumer.assign(&assignment).unwrap();
-        let mut values = Vec::new();
+        let mut records = Vec::new();
         while remaining > 0 {
             let message = consumer.poll(TIMEOUT).expect("records within the timeout").unwrap();
-            values.push(String::from_utf8(message.payload().unwrap().to_vec()).unwrap());
+            let text = |bytes: Option<&[u8]>| bytes.map(|b| String::from_utf8(b.to_vec()).unwrap());
+            let headers = message
+                .headers()
+                .map(|headers| headers.iter().map(|h| (h.key.to_string(), text(h.value).unwrap_or_default())).collect())
+                .unwrap_or_default();
+            records.push(Consumed {
+                partition: message.partition(),
+                offset: message.offset(),
+                key: text(message.key()),
+                value: text(message.payload()).unwrap_or_default(),
+                headers,
+            });
             remaining -= 1;
         }
-        values.sort();
-        values
+        records.sort_by_key(|record| (record.partition, record.offset));
+        records
     }
 
     /// The group's committed offset of each partition of `topic`.

@@ -154,6 +154,13 @@ impl<K: Codec, V: Codec> Emit<K, V> {
     }
 }
 
+impl<K: Codec, V: Codec> Default for Emit<K, V> {
+    /// An empty `Emit`, for calling `process` directly in a plugin's tests.
+    fn default() -> Self {
+        Emit::new()
+    }
+}
+
 impl<K, V> fmt::Debug for Emit<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Emit").field("values", &self.values.len()).field("outputs", &self.outputs.len()).finish()
