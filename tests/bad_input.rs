@@ -55,14 +55,21 @@ fn a_core_module_is_refused_with_a_hint() {
 
 #[test]
 fn a_component_of_another_world_is_refused() {
-    run_refused(Path::new(sluice_plugin_artifacts::WASI_COMMAND), &[])
-        .assert_error(&["wasi-command.wasm", "is not a component of any Sluice world", "sluice:plugin/updater@0.1.0", "wasi:cli/run"]);
+    run_refused(Path::new(sluice_plugin_artifacts::WASI_COMMAND), &[]).assert_error(&[
+        "wasi-command.wasm",
+        "is not a component of any Sluice world",
+        "sluice:plugin/updater@0.1.0",
+        "wasi:cli/run",
+    ]);
 }
 
 #[test]
 fn a_failing_init_is_reported_with_the_plugins_reason() {
-    run_refused(etl(), &["--plugin-config", "timezone=Mars/Olympus"])
-        .assert_error(&["etl.wasm", "refused its configuration", "Mars/Olympus"]);
+    run_refused(etl(), &["--plugin-config", "timezone=Mars/Olympus"]).assert_error(&[
+        "etl.wasm",
+        "refused its configuration",
+        "Mars/Olympus",
+    ]);
 }
 
 #[test]
@@ -75,7 +82,8 @@ fn an_unknown_job_file_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.toml");
     std::fs::write(&path, "batch-interval = \"1s\"\nbatch-intervall = \"2s\"\n").unwrap();
-    run_refused(etl(), &["--config", path.to_str().unwrap()]).assert_error(&["job.toml", "unknown field `batch-intervall`"]);
+    run_refused(etl(), &["--config", path.to_str().unwrap()])
+        .assert_error(&["job.toml", "unknown field `batch-intervall`"]);
 }
 
 #[test]

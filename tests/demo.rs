@@ -6,7 +6,10 @@ use crate::harness::{self, run_host};
 
 #[test]
 fn the_demo_runs_the_etl_and_shows_committed_offsets() {
-    let run = run_host(harness::host().args(["demo", "--batches", "2", "--batch-interval", "300ms"]), Duration::from_secs(120));
+    let run = run_host(
+        harness::host().args(["demo", "--batches", "2", "--batch-interval", "300ms"]),
+        Duration::from_secs(120),
+    );
     run.assert_success();
     let stdout = run.stdout();
     assert_eq!(stdout.matches("Time: ").count(), 2, "two printed batches:\n{stdout}");

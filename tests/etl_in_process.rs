@@ -53,9 +53,8 @@ async fn a_backfill_transforms_every_valid_record_and_commits_the_log_end() {
     let summary = run(etl.job("backfill")).await;
     assert_eq!((summary.records_in, summary.rejected), (40, case.malformed as u64));
     assert_eq!(etl.kafka.values(&etl.output), sorted(case.expected.clone()));
-    let ends: BTreeMap<i32, Option<i64>> = (0..PARTITIONS)
-        .map(|p| (p, Some(case.lines.iter().filter(|l| l.partition == p).count() as i64)))
-        .collect();
+    let ends: BTreeMap<i32, Option<i64>> =
+        (0..PARTITIONS).map(|p| (p, Some(case.lines.iter().filter(|l| l.partition == p).count() as i64))).collect();
     assert_eq!(etl.kafka.committed("backfill", &etl.input, PARTITIONS), ends);
 
     // The committed offsets beat the reset policy: a rerun of the group reads nothing.

@@ -143,7 +143,9 @@ async fn failed_group_commits_are_retried_and_never_stop_the_job() {
     let first = values("a", 5);
     kafka.produce(&topic, &records(&first, 1));
     // Enough failures to exhaust one batch's attempts; the next batch's commit covers it.
-    kafka.cluster.request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3]);
+    kafka
+        .cluster
+        .request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3]);
 
     let mut job = kafka.job(sluice_plugin_artifacts::BUSY, Topics::Named(vec![topic.clone()]), "commits");
     job.stop_when_caught_up = false;
@@ -172,8 +174,22 @@ fn a_start_offset_lost_to_retention_follows_the_policy_with_a_log_line() {
     let log = harness::offsets(&broker.brokers, &topic, "nobody")[&0];
     let run = |policy: Option<&str>| {
         let mut command = harness::host();
-        command.args(["run", "--plugin", sluice_plugin_artifacts::BUSY, "--brokers", &broker.brokers, "--topic", &topic]);
-        command.args(["--group", &harness::unique("lost"), "--start", &format!("{topic}:0=0"), "--stop-when-caught-up"]);
+        command.args([
+            "run",
+            "--plugin",
+            sluice_plugin_artifacts::BUSY,
+            "--brokers",
+            &broker.brokers,
+            "--topic",
+            &topic,
+        ]);
+        command.args([
+            "--group",
+            &harness::unique("lost"),
+            "--start",
+            &format!("{topic}:0=0"),
+            "--stop-when-caught-up",
+        ]);
         command.args(["--batch-interval", "100ms"]);
         if let Some(policy) = policy {
             command.args(["--on-offset-out-of-range", policy]);
@@ -199,6 +215,10 @@ fn a_start_offset_lost_to_retention_follows_the_policy_with_a_log_line() {
 
     let latest = run(Some("latest"));
     latest.assert_success();
-    assert!(latest.stderr().contains(&format!("skipped {} offsets, continuing at {}", log.end, log.end)), "{}", latest.stderr());
+    assert!(
+        latest.stderr().contains(&format!("skipped {} offsets, continuing at {}", log.end, log.end)),
+        "{}",
+        latest.stderr()
+    );
     assert_eq!(latest.summary().records_in, 0);
 }

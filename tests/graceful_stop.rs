@@ -131,10 +131,8 @@ fn sigterm_finishes_the_batch_in_flight_and_loses_nothing() {
     let code = running.exit_code();
     assert_eq!(code, Some(0), "a graceful stop exits 0");
     // The batch in flight was committed: the group is past the start, not at the end yet.
-    let committed: i64 = harness::offsets(&job.broker.brokers, &job.input, &job.group)
-        .values()
-        .map(|o| o.committed.unwrap_or(0))
-        .sum();
+    let committed: i64 =
+        harness::offsets(&job.broker.brokers, &job.input, &job.group).values().map(|o| o.committed.unwrap_or(0)).sum();
     assert!(committed > 0 && committed < RECORDS as i64, "committed {committed}");
     job.catch_up();
     job.assert_every_record_exactly_once();

@@ -79,7 +79,8 @@ impl Run {
     /// The run's totals, from its final log line.
     pub fn summary(&self) -> Summary {
         let stderr = self.stderr();
-        let pattern = regex::Regex::new(r"stopped after (\d+) batches: (\d+) records in, (\d+) out, (\d+) rejected").unwrap();
+        let pattern =
+            regex::Regex::new(r"stopped after (\d+) batches: (\d+) records in, (\d+) out, (\d+) rejected").unwrap();
         let captures = pattern.captures(&stderr).unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
         let number = |i: usize| captures[i].parse().unwrap();
         Summary { batches: number(1), records_in: number(2), outputs: number(3), rejected: number(4) }
@@ -146,11 +147,7 @@ fn kafka_check<T: for<'de> Deserialize<'de>>(args: &[&str], stdin: &str) -> T {
         .expect("python3 is needed for the end-to-end tests (see the README's test command)");
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kafka_check.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "kafka_check.py {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("kafka_check.py prints JSON")
 }
 

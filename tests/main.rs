@@ -7,14 +7,14 @@ mod harness;
 /// In-process set-up: `MockCluster`, librdkafka clients, a job template.
 mod mock_kafka;
 
-/// `host run` as a separate process against a `host dev-broker` process.
-mod etl_process;
-/// The same flow in-process against `MockCluster`, for fast iteration.
-mod etl_in_process;
 /// Bad plugins, configurations and brokers: one clear error line, non-zero exit, no commit.
 mod bad_input;
 /// `host demo`, as the README runs it.
 mod demo;
+/// The same flow in-process against `MockCluster`, for fast iteration.
+mod etl_in_process;
+/// `host run` as a separate process against a `host dev-broker` process.
+mod etl_process;
 /// Rate limits, backpressure, topic discovery, lost offsets, commit failures.
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.

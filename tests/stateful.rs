@@ -71,10 +71,11 @@ fn latest_outputs(brokers: &str, topic: &str) -> BTreeMap<String, u64> {
     latest
 }
 
-fn wordcount(brokers: &str, topic: &str, group: &str, output: &str, checkpoint: &Path) -> Command {
+/// `host run` of a stateful `plugin` from the start of `topic`, in small batches, until caught up.
+fn stateful_job(plugin: &str, brokers: &str, topic: &str, group: &str, output: &str, checkpoint: &Path) -> Command {
     let mut command = host();
     command
-        .args(["run", "--plugin", sluice_plugin_artifacts::WORDCOUNT, "--brokers", brokers, "--topic", topic])
+        .args(["run", "--plugin", plugin, "--brokers", brokers, "--topic", topic])
         .args(["--group", group, "--output-topic", output, "--auto-offset-reset", "earliest"])
         .args(["--batch-interval", "100ms", "--stop-when-caught-up", "--kafka", "fetch.wait.max.ms=20"])
         // Five records per partition per batch: every run spans several batches.
@@ -105,7 +106,10 @@ fn word_counts_over_many_batches_and_a_restart_equal_an_independent_count() {
 
     let mut produced = lines(&mut random, 150);
     produce(&broker.brokers, &topic, &produced);
-    let first = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    let first = run_host(
+        &mut stateful_job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &group, &output, &checkpoint),
+        LIMIT,
+    );
     first.assert_success();
     assert!(first.summary().batches >= 5, "rate-limited into several batches:\n{}", first.stderr());
     assert_eq!(checkpoint_state(&checkpoint), count(&produced));
@@ -114,7 +118,10 @@ fn word_counts_over_many_batches_and_a_restart_equal_an_independent_count() {
     let more = lines(&mut random, 90);
     produce(&broker.brokers, &topic, &more);
     produced.extend(more);
-    let second = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    let second = run_host(
+        &mut stateful_job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &group, &output, &checkpoint),
+        LIMIT,
+    );
     second.assert_success();
     assert_eq!(second.summary().records_in, 90);
     assert!(second.stderr().contains("(checkpoint)"), "{}", second.stderr());
@@ -154,7 +161,8 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
         let chunk = lines(&mut random, 60);
         produce(&broker.brokers, &topic, &chunk);
         produced.extend(chunk);
-        let mut command = wordcount(&broker.brokers, &topic, &group, &output, &checkpoint);
+        let mut command =
+            stateful_job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &group, &output, &checkpoint);
         match crash {
             Some(phase) => {
                 let nth = 1 + random.next(3);
@@ -178,7 +186,10 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
     }
     assert_eq!(crashes.values().sum::<u32>(), 25);
 
-    let last = run_host(&mut wordcount(&broker.brokers, &topic, &group, &output, &checkpoint), LIMIT);
+    let last = run_host(
+        &mut stateful_job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &group, &output, &checkpoint),
+        LIMIT,
+    );
     last.assert_success();
     let expected = count(&produced);
     assert_eq!(checkpoint_state(&checkpoint), expected, "state after {crashes:?}");
@@ -208,7 +219,17 @@ fn a_corrupt_or_foreign_checkpoint_is_refused_naming_the_file() {
         txn.commit().unwrap();
     }
     for checkpoint in [&corrupt, &foreign] {
-        let run = run_host(&mut wordcount(&broker.brokers, &topic, &group, &unique("out"), checkpoint), LIMIT);
+        let run = run_host(
+            &mut stateful_job(
+                sluice_plugin_artifacts::WORDCOUNT,
+                &broker.brokers,
+                &topic,
+                &group,
+                &unique("out"),
+                checkpoint,
+            ),
+            LIMIT,
+        );
         let file = checkpoint.join("checkpoint.redb").display().to_string();
         run.assert_error(&[&file, "refusing to start over it"]);
     }
@@ -232,8 +253,57 @@ fn stateful_and_windowed_jobs_without_their_options_are_refused() {
     let checkpoint = dir.path().to_str().unwrap();
     run(sluice_plugin_artifacts::WINDOWED_COUNT, &["--checkpoint", checkpoint])
         .assert_error(&["windowed plugin", "pass --window DURATION"]);
-    run(sluice_plugin_artifacts::WINDOWED_COUNT, &["--checkpoint", checkpoint, "--batch-interval", "1s", "--window", "2500ms"])
-        .assert_error(&["--window 2s 500ms is not a multiple of --batch-interval 1s"]);
+    run(
+        sluice_plugin_artifacts::WINDOWED_COUNT,
+        &["--checkpoint", checkpoint, "--batch-interval", "1s", "--window", "2500ms"],
+    )
+    .assert_error(&["--window 2s 500ms is not a multiple of --batch-interval 1s"]);
     run(sluice_plugin_artifacts::WORDCOUNT, &["--checkpoint", checkpoint, "--window", "4s"])
         .assert_error(&["--window is for windowed plugins; plugin wordcount is a stateful plugin"]);
+}
+
+#[test]
+fn top3_brands_per_category_equal_an_independent_ranking() {
+    let (topic, output) = (unique("sales"), unique("top3"));
+    let broker = BrokerProcess::start(&[(&topic, PARTITIONS), (&output, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut random = Seeded(3);
+    let (brands, categories) = (["apple", "huawei", "xiaomi", "oppo", "vivo"], ["phone", "pc", "watch"]);
+    let sales: Vec<Input> = (0..300)
+        .map(|id| {
+            // Skewed, so rankings are not ties: brand i sells about (i + 1) times as often.
+            let brand = brands[(random.next(15) as f64).sqrt() as usize % brands.len()];
+            let category = categories[random.next(3) as usize];
+            Input {
+                partition: random.next(PARTITIONS as u64) as i32,
+                key: None,
+                value: format!("{id} {brand} {category}"),
+            }
+        })
+        .collect();
+    produce(&broker.brokers, &topic, &sales);
+    let checkpoint = dir.path().join("checkpoint");
+    let mut command =
+        stateful_job(sluice_plugin_artifacts::TOP3, &broker.brokers, &topic, &unique("top3"), &output, &checkpoint);
+    run_host(&mut command, LIMIT).assert_success();
+
+    let mut counts: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+    for sale in &sales {
+        let fields: Vec<&str> = sale.value.split(' ').collect();
+        *counts.entry(fields[2]).or_default().entry(fields[1]).or_insert(0) += 1;
+    }
+    let expected: BTreeMap<String, String> = counts
+        .into_iter()
+        .map(|(category, brands)| {
+            let mut ranking: Vec<(&str, u64)> = brands.into_iter().collect();
+            ranking.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = ranking.iter().take(3).map(|(brand, n)| format!("{brand}={n}")).collect();
+            (category.to_string(), format!("{category}:{}", top.join(",")))
+        })
+        .collect();
+    let mut latest = BTreeMap::new();
+    for record in consume(&broker.brokers, &output) {
+        latest.insert(record.key.unwrap(), record.value.unwrap());
+    }
+    assert_eq!(latest, expected);
 }

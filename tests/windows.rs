@@ -164,11 +164,15 @@ async fn sessions_time_out_after_the_idle_period_and_only_then_across_a_restart(
         for line in produced.batch_lines(report) {
             *touched.entry(line.split_whitespace().next().unwrap().to_string()).or_insert(0) += 1;
         }
-        let idle: Vec<String> =
-            open.iter().filter(|(user, s)| time - s.last >= timeout && !touched.contains_key(*user)).map(|(u, _)| u.clone()).collect();
+        let idle: Vec<String> = open
+            .iter()
+            .filter(|(user, s)| time - s.last >= timeout && !touched.contains_key(*user))
+            .map(|(u, _)| u.clone())
+            .collect();
         for user in idle {
             let session = open.remove(&user).unwrap();
-            let summary = format!("user={user} events={} first={} last={}", session.events, session.first, session.last);
+            let summary =
+                format!("user={user} events={} first={} last={}", session.events, session.first, session.last);
             expected.entry(time).or_default().push(summary);
         }
         for (user, events) in touched {

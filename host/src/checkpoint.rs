@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use redb::{
-    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
 use serde::{Deserialize, Serialize};
 
@@ -146,10 +147,12 @@ impl Checkpoint {
     /// use. A file that is not a Sluice checkpoint is an error naming it, never a fresh start.
     /// `state_partitions` is recorded at creation; afterwards the recorded number is used.
     pub fn open(dir: &Path, state_partitions: u32) -> Result<Checkpoint> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
         let path = dir.join(FILE_NAME);
         let fresh = !path.exists();
-        let db = if fresh { Database::create(&path) } else { Database::open(&path) }.map_err(|e| open_error(&path, e))?;
+        let db =
+            if fresh { Database::create(&path) } else { Database::open(&path) }.map_err(|e| open_error(&path, e))?;
         let checkpoint = Checkpoint { db, path };
         if fresh {
             let txn = checkpoint.db.begin_write()?;
@@ -192,7 +195,8 @@ impl Checkpoint {
     pub fn begin_batch(&self, pending: &PendingBatch) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert("pending", serde_json::to_vec(pending)?.as_slice())?;
-        txn.commit().with_context(|| format!("cannot record batch {} ms in {}", pending.batch_time, self.path.display()))
+        txn.commit()
+            .with_context(|| format!("cannot record batch {} ms in {}", pending.batch_time, self.path.display()))
     }
 
     /// Forgets a recorded plan (an explicit `--start` overrides it).
@@ -260,7 +264,13 @@ impl Checkpoint {
 
     /// Commits one batch: its offsets, state changes, panes and plugin, and clears its plan.
     /// After this returns the batch is done; a crash before it replays the batch.
-    pub fn commit(&self, batch_time: i64, ranges: &[OffsetRange], changes: &BatchChanges, plugin: &PluginIdentity) -> Result<()> {
+    pub fn commit(
+        &self,
+        batch_time: i64,
+        ranges: &[OffsetRange],
+        changes: &BatchChanges,
+        plugin: &PluginIdentity,
+    ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut offsets = txn.open_table(OFFSETS)?;
@@ -443,7 +453,9 @@ fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
         None => None,
     };
     let last_plugin = match txn.open_table(PLUGINS)?.last()? {
-        Some((_, json)) => Some(serde_json::from_str(json.value()).context("unreadable plugin record in the checkpoint")?),
+        Some((_, json)) => {
+            Some(serde_json::from_str(json.value()).context("unreadable plugin record in the checkpoint")?)
+        }
         None => None,
     };
     let has_state = !txn.open_table(STATE)?.is_empty()? || !txn.open_table(PANES)?.is_empty()?;
@@ -451,7 +463,8 @@ fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
 }
 
 fn check_format(txn: &ReadTransaction, path: &Path) -> Result<()> {
-    let foreign = || format!("{} is not a Sluice checkpoint (no `{FORMAT}` marker); refusing to start over it", path.display());
+    let foreign =
+        || format!("{} is not a Sluice checkpoint (no `{FORMAT}` marker); refusing to start over it", path.display());
     let meta = txn.open_table(META).with_context(foreign)?;
     let format = meta.get("format").with_context(foreign)?.with_context(foreign)?;
     if format.value() != FORMAT.as_bytes() {

@@ -292,7 +292,8 @@ pub struct RateLimits {
 
 impl RateLimits {
     /// No limits: every batch takes everything available.
-    pub const UNLIMITED: RateLimits = RateLimits { max_rate_per_partition: None, initial_rate: None, backpressure: None };
+    pub const UNLIMITED: RateLimits =
+        RateLimits { max_rate_per_partition: None, initial_rate: None, backpressure: None };
 }
 
 impl JobConfig {
@@ -302,10 +303,13 @@ impl JobConfig {
         let topics = match (options.topics.is_empty(), options.topic_pattern) {
             (false, None) => Topics::Named(options.topics),
             (true, Some(pattern)) => Topics::Pattern(
-                Regex::new(&format!("^(?:{pattern})$")).with_context(|| format!("invalid --topic-pattern {pattern:?}"))?,
+                Regex::new(&format!("^(?:{pattern})$"))
+                    .with_context(|| format!("invalid --topic-pattern {pattern:?}"))?,
             ),
             (true, None) => bail!("no topics to read: pass --topic NAME or --topic-pattern REGEX"),
-            (false, Some(_)) => bail!("--topic and --topic-pattern are exclusive: give one or the other"),
+            (false, Some(_)) => {
+                bail!("--topic and --topic-pattern are exclusive: give one or the other")
+            }
         };
         let group = options.group.context("no consumer group given: pass --group NAME")?;
         let batch_interval = options.batch_interval.unwrap_or(DEFAULT_BATCH_INTERVAL);
@@ -320,9 +324,8 @@ impl JobConfig {
         if options.parallelism == Some(0) {
             bail!("--parallelism must be at least 1");
         }
-        let parallelism = options
-            .parallelism
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let parallelism =
+            options.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(JobConfig {
             plugin,
             plugin_config: options.plugin_config,
@@ -353,7 +356,9 @@ impl JobConfig {
             on_offset_out_of_range: options.on_offset_out_of_range.unwrap_or_default(),
             checkpoint: options.checkpoint,
             state_timeout: match options.state_timeout {
-                Some(timeout) if timeout.is_zero() => bail!("--state-timeout must be longer than zero"),
+                Some(timeout) if timeout.is_zero() => {
+                    bail!("--state-timeout must be longer than zero")
+                }
                 timeout => timeout,
             },
             window: match (options.window, options.slide) {
@@ -378,7 +383,9 @@ impl JobConfig {
 
 fn positive_rate(flag: &str, rate: Option<f64>) -> Result<Option<f64>> {
     match rate {
-        Some(rate) if !(rate.is_finite() && rate > 0.0) => bail!("{flag} must be a positive number of records per second"),
+        Some(rate) if !(rate.is_finite() && rate > 0.0) => {
+            bail!("{flag} must be a positive number of records per second")
+        }
         rate => Ok(rate),
     }
 }
@@ -529,10 +536,9 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_merge_key_values() {
-        let from_file = file(
-            "plugin = \"a.wasm\"\ntopics = [\"a\"]\ngroup = \"g\"\n[kafka]\n\"x\" = \"file\"\n\"y\" = \"file\"\n",
-        )
-        .unwrap();
+        let from_file =
+            file("plugin = \"a.wasm\"\ntopics = [\"a\"]\ngroup = \"g\"\n[kafka]\n\"x\" = \"file\"\n\"y\" = \"file\"\n")
+                .unwrap();
         let flags = JobOptions {
             topics: vec!["b".into()],
             kafka: vec![("y".into(), "flag".into())],

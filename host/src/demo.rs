@@ -146,7 +146,8 @@ fn print_committed_offsets(brokers: &str) -> Result<()> {
     for partition in 0..PARTITIONS {
         query.add_partition(INPUT, partition);
     }
-    let committed = consumer.committed_offsets(query, Duration::from_secs(10)).context("cannot read committed offsets")?;
+    let committed =
+        consumer.committed_offsets(query, Duration::from_secs(10)).context("cannot read committed offsets")?;
     println!("committed offsets of consumer group {GROUP} (as Kafka's group tooling shows them):");
     println!("  {:<14} {:>9} {:>9} {:>5}", "PARTITION", "COMMITTED", "LOG-END", "LAG");
     for element in committed.elements() {

@@ -24,7 +24,11 @@ pub fn inspect(dir: &Path) -> Result<String> {
         None => writeln!(text, "last batch: none committed yet")?,
     }
     if let Some(pending) = &resume.pending {
-        writeln!(text, "interrupted batch: {} ms, replayed with the same ranges on the next start", pending.batch_time)?;
+        writeln!(
+            text,
+            "interrupted batch: {} ms, replayed with the same ranges on the next start",
+            pending.batch_time
+        )?;
     }
     writeln!(text, "offsets (next batch starts at):")?;
     if resume.offsets.is_empty() {
@@ -69,10 +73,13 @@ pub fn dump(dir: &Path) -> Result<String> {
 fn readable(bytes: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(bytes) {
         Ok(text) => serde_json::Value::String(text.to_string()),
-        Err(_) => serde_json::json!({ "hex": bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+        Err(_) => {
+            serde_json::json!({ "hex": bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() })
+        }
     }
 }
 
 fn utc(time_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(time_ms).map_or_else(|| "?".into(), |time| time.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+    chrono::DateTime::from_timestamp_millis(time_ms)
+        .map_or_else(|| "?".into(), |time| time.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
 }

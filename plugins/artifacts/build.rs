@@ -68,8 +68,11 @@ fn main() {
         let name = plugin.to_uppercase().replace('-', "_");
         let path = file.display().to_string();
         writeln!(constants, "/// Path of the `{plugin}` component.\npub const {name}: &str = {path:?};").unwrap();
-        writeln!(constants, "/// The `{plugin}` component's bytes.\npub const {name}_WASM: &[u8] = include_bytes!({path:?});")
-            .unwrap();
+        writeln!(
+            constants,
+            "/// The `{plugin}` component's bytes.\npub const {name}_WASM: &[u8] = include_bytes!({path:?});"
+        )
+        .unwrap();
     }
     writeln!(constants, "/// Every plugin component, by crate name.\npub const ALL: &[(&str, &str)] = &[").unwrap();
     for plugin in &plugins {

@@ -89,8 +89,9 @@ impl<'de> MapAccess<'de> for PairsAccess<'de> {
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         let key = self.key.unwrap_or_default();
         let value = self.value.take().ok_or_else(|| Error("value requested before key".into()))?;
-        seed.deserialize(Value { key, text: value })
-            .map_err(|e| if e.0.starts_with("unknown config key") { e } else { Error(format!("config key `{key}`: {e}")) })
+        seed.deserialize(Value { key, text: value }).map_err(|e| {
+            if e.0.starts_with("unknown config key") { e } else { Error(format!("config key `{key}`: {e}")) }
+        })
     }
 }
 
@@ -232,9 +233,15 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let err = from_pairs::<Config>(&pairs(&[("name", "x"), ("limit", "ten"), ("mode", "fast"), ("enabled", "true")]))
-            .unwrap_err();
-        assert_eq!(err, PluginError::InvalidConfig("config key `limit`: cannot parse \"ten\": invalid digit found in string".into()));
+        let err =
+            from_pairs::<Config>(&pairs(&[("name", "x"), ("limit", "ten"), ("mode", "fast"), ("enabled", "true")]))
+                .unwrap_err();
+        assert_eq!(
+            err,
+            PluginError::InvalidConfig(
+                "config key `limit`: cannot parse \"ten\": invalid digit found in string".into()
+            )
+        );
 
         let err = from_pairs::<Config>(&pairs(&[("name", "x"), ("mode", "fast")])).unwrap_err();
         assert_eq!(err, PluginError::InvalidConfig("missing field `enabled`".into()));

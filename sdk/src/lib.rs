@@ -61,6 +61,17 @@
 //!
 //! Build it for the host with `cargo build --release --target wasm32-wasip2` (the crate needs
 //! `crate-type = ["cdylib", "rlib"]`), then `host run --plugin target/wasm32-wasip2/release/NAME.wasm`.
+//!
+//! # Kinds of plugin
+//!
+//! | trait | macro | the seeds' operation | `host run` needs |
+//! | --- | --- | --- | --- |
+//! | [`Transform`] | [`export_transform!`] | `map`, `filter`, `transform` | |
+//! | [`Stateful`] | [`export_stateful!`] | `updateStateByKey`, `mapWithState` | `--checkpoint` (and `--state-timeout`) |
+//! | [`Windowed`] | [`export_windowed!`] | `reduceByKeyAndWindow` | `--checkpoint`, `--window`, `--slide` |
+//!
+//! Keys, values and state travel as bytes through [`Codec`]: integers and strings as text,
+//! any serde type through [`Json`]. [`testing`] runs each kind natively.
 
 #![deny(missing_docs)]
 
@@ -72,8 +83,8 @@ mod types;
 mod windowed;
 
 pub use stateful::{Codec, Emit, Json, Stateful};
-pub use windowed::{Window, Windowed};
 pub use types::{BatchContext, BatchOutput, Header, Output, PluginError, PluginInfo, Record, Rejection};
+pub use windowed::{Window, Windowed};
 
 use std::fmt;
 
@@ -235,8 +246,9 @@ macro_rules! export_transform {
             }
 
             impl $crate::wit::Guest for SluiceExport {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::std::result::Result<(), $crate::PluginError> {
+                fn init(
+                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::std::result::Result<(), $crate::PluginError> {
                     PLUGIN.with(|slot| slot.init(&config, <$plugin as $crate::Transform>::init))
                 }
 
@@ -246,10 +258,12 @@ macro_rules! export_transform {
             }
 
             impl $crate::wit::exports::sluice::plugin::transform::Guest for SluiceExport {
-                fn process(ctx: $crate::BatchContext, records: ::std::vec::Vec<$crate::Record>)
-                    -> ::std::result::Result<$crate::BatchOutput, $crate::PluginError> {
+                fn process(
+                    ctx: $crate::BatchContext,
+                    records: ::std::vec::Vec<$crate::Record>,
+                ) -> ::std::result::Result<$crate::BatchOutput, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::Transform::process_batch(plugin, &ctx, records)))
-                }
+        }
             }
 
             $crate::wit::__export_transformer_world!(SluiceExport with_types_in $crate::wit);

@@ -110,7 +110,12 @@ pub trait Stateful: Sized + 'static {
     fn init(config: Self::Config) -> Result<Self, PluginError>;
 
     /// Turns one record into keyed values (and, optionally, direct outputs), or rejects it.
-    fn process(&mut self, ctx: &BatchContext, record: Record, out: &mut Emit<Self::Key, Self::Value>) -> Result<(), Reject>;
+    fn process(
+        &mut self,
+        ctx: &BatchContext,
+        record: Record,
+        out: &mut Emit<Self::Key, Self::Value>,
+    ) -> Result<(), Reject>;
 
     /// A key's new state from its new values and prior state: `Some` keeps it, `None` removes
     /// it. Push outputs to `out` to deliver them (e.g. the new running total).
@@ -220,7 +225,11 @@ pub(crate) mod glue {
                 None => StateChange::Remove,
                 Some(state) => {
                     let bytes = state.encode();
-                    if group.state.as_deref() == Some(bytes.as_slice()) { StateChange::Keep } else { StateChange::Set(bytes) }
+                    if group.state.as_deref() == Some(bytes.as_slice()) {
+                        StateChange::Keep
+                    } else {
+                        StateChange::Set(bytes)
+                    }
                 }
             };
             updates.push(KeyUpdate { change, outputs: out.into_vec() });
@@ -250,8 +259,9 @@ macro_rules! export_stateful {
             }
 
             impl $crate::wit::updater::Guest for SluiceExport {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::std::result::Result<(), $crate::PluginError> {
+                fn init(
+                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::std::result::Result<(), $crate::PluginError> {
                     PLUGIN.with(|slot| slot.init(&config, <$plugin as $crate::Stateful>::init))
                 }
 
@@ -261,13 +271,18 @@ macro_rules! export_stateful {
             }
 
             impl $crate::wit::updater::exports::sluice::plugin::stateful::Guest for SluiceExport {
-                fn process(ctx: $crate::BatchContext, records: ::std::vec::Vec<$crate::Record>)
-                    -> ::std::result::Result<$crate::wit::sluice::plugin::types::KeyedOutput, $crate::PluginError> {
-                    PLUGIN.with(|slot| slot.with(|plugin| {
-                        $crate::__private::process_keyed(&ctx, records, |ctx, record, out| {
-                            <$plugin as $crate::Stateful>::process(plugin, ctx, record, out)
+                fn process(
+                    ctx: $crate::BatchContext,
+                    records: ::std::vec::Vec<$crate::Record>,
+                ) -> ::std::result::Result<$crate::wit::sluice::plugin::types::KeyedOutput, $crate::PluginError>
+                {
+                    PLUGIN.with(|slot| {
+                        slot.with(|plugin| {
+                            $crate::__private::process_keyed(&ctx, records, |ctx, record, out| {
+                                <$plugin as $crate::Stateful>::process(plugin, ctx, record, out)
+                            })
                         })
-                    }))
+                    })
                 }
 
                 fn update(
@@ -275,7 +290,7 @@ macro_rules! export_stateful {
                     groups: ::std::vec::Vec<$crate::wit::updater::exports::sluice::plugin::stateful::KeyGroup>,
                 ) -> ::std::result::Result<
                     ::std::vec::Vec<$crate::wit::updater::exports::sluice::plugin::stateful::KeyUpdate>,
-                    $crate::PluginError,
+            $crate::PluginError,
                 > {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::update_groups(plugin, groups)))
                 }

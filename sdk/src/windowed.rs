@@ -75,7 +75,12 @@ pub trait Windowed: Sized + 'static {
     fn init(config: Self::Config) -> Result<Self, PluginError>;
 
     /// Turns one record into keyed values, or rejects it.
-    fn process(&mut self, ctx: &BatchContext, record: Record, out: &mut Emit<Self::Key, Self::Value>) -> Result<(), Reject>;
+    fn process(
+        &mut self,
+        ctx: &BatchContext,
+        record: Record,
+        out: &mut Emit<Self::Key, Self::Value>,
+    ) -> Result<(), Reject>;
 
     /// Combines two values into one. Must be associative: the host groups the calls as suits it.
     fn reduce(&mut self, a: Self::Value, b: Self::Value) -> Self::Value;
@@ -84,7 +89,10 @@ pub trait Windowed: Sized + 'static {
     /// [`INVERTIBLE`](Windowed::INVERTIBLE) is `true`.
     fn inverse_reduce(&mut self, total: Self::Value, part: Self::Value) -> Self::Value {
         let _ = (total, part);
-        unreachable!("inverse_reduce called on a plugin that does not set INVERTIBLE: {}", std::any::type_name::<Self>())
+        unreachable!(
+            "inverse_reduce called on a plugin that does not set INVERTIBLE: {}",
+            std::any::type_name::<Self>()
+        )
     }
 
     /// The record delivered for one key's result of one window.
@@ -113,7 +121,8 @@ pub(crate) mod glue {
             .into_iter()
             .map(|list| {
                 let mut values = list.iter().map(|bytes| decode::<T>(bytes));
-                let first = values.next().ok_or_else(|| PluginError::failed("the host asked to reduce an empty list"))??;
+                let first =
+                    values.next().ok_or_else(|| PluginError::failed("the host asked to reduce an empty list"))??;
                 values.try_fold(first, |total, value| Ok(plugin.reduce(total, value?))).map(|total| total.encode())
             })
             .collect()
@@ -166,8 +175,8 @@ macro_rules! export_windowed {
     ($plugin:ty, state_schema_version = $schema:expr) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            use $crate::wit::sluice::plugin::types::{KeyedOutput, KeyedValue};
             use ::std::vec::Vec;
+            use $crate::wit::sluice::plugin::types::{KeyedOutput, KeyedValue};
 
             struct SluiceExport;
 
@@ -176,7 +185,9 @@ macro_rules! export_windowed {
             }
 
             impl $crate::wit::windower::Guest for SluiceExport {
-                fn init(config: Vec<(::std::string::String, ::std::string::String)>) -> ::std::result::Result<(), $crate::PluginError> {
+                fn init(
+                    config: Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::std::result::Result<(), $crate::PluginError> {
                     PLUGIN.with(|slot| slot.init(&config, <$plugin as $crate::Windowed>::init))
                 }
 
@@ -186,7 +197,10 @@ macro_rules! export_windowed {
             }
 
             impl $crate::wit::windower::exports::sluice::plugin::windowed::Guest for SluiceExport {
-                fn process(ctx: $crate::BatchContext, records: Vec<$crate::Record>) -> ::std::result::Result<KeyedOutput, $crate::PluginError> {
+                fn process(
+                    ctx: $crate::BatchContext,
+                    records: Vec<$crate::Record>,
+                ) -> ::std::result::Result<KeyedOutput, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::process_windowed(plugin, &ctx, records)))
                 }
 
@@ -194,11 +208,16 @@ macro_rules! export_windowed {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::reduce_lists(plugin, lists)))
                 }
 
-                fn inverse_reduce(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> ::std::result::Result<Option<Vec<Vec<u8>>>, $crate::PluginError> {
+                fn inverse_reduce(
+                    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+                ) -> ::std::result::Result<Option<Vec<Vec<u8>>>, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::inverse_reduce_pairs(plugin, pairs)))
-                }
+        }
 
-                fn present(ctx: $crate::BatchContext, results: Vec<KeyedValue>) -> ::std::result::Result<Vec<$crate::Output>, $crate::PluginError> {
+                fn present(
+                    ctx: $crate::BatchContext,
+                    results: Vec<KeyedValue>,
+                ) -> ::std::result::Result<Vec<$crate::Output>, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::present_results(plugin, &ctx, results)))
                 }
             }

@@ -235,7 +235,8 @@ impl Engine {
     fn first_batch_time(&self, interval: i64) -> i64 {
         let mut first = schedule::first_batch_time(now_ms(), interval);
         if let Some(checkpoint) = &self.checkpoint {
-            let seen = checkpoint.last_batch.into_iter().chain(checkpoint.replay.as_ref().map(|replay| replay.batch_time));
+            let seen =
+                checkpoint.last_batch.into_iter().chain(checkpoint.replay.as_ref().map(|replay| replay.batch_time));
             for time in seen {
                 first = first.max(time + interval);
             }
@@ -294,7 +295,8 @@ impl Engine {
             })
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len()).sum();
-        let results = run_parallel(&mut self.instances, &tasks, |instance, task| instance.process(&task.context, &task.records))?;
+        let results =
+            run_parallel(&mut self.instances, &tasks, |instance, task| instance.process(&task.context, &task.records))?;
 
         let mut outputs: Vec<OutputRecord> = Vec::with_capacity(results.iter().map(|r| r.outputs.len()).sum());
         let mut values = Vec::with_capacity(results.len());
@@ -342,15 +344,17 @@ impl Engine {
         failpoint::reached("plugin");
         let processed_at = started.elapsed();
 
-        self.sinks.deliver(batch_time, &outputs).with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+        self.sinks
+            .deliver(batch_time, &outputs)
+            .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
         failpoint::reached("deliver");
         let delivered_at = started.elapsed();
+        let checkpoint = self.checkpoint.as_ref().map(|checkpoint| &checkpoint.store);
+        let committed =
+            commit::commit_batch(checkpoint, &self.source, self.plugin.identity(), batch_time, &ranges, &changes)?;
         if let Some(checkpoint) = &mut self.checkpoint {
-            checkpoint.store.commit(batch_time, &ranges, &changes, self.plugin.identity())?;
             checkpoint.last_batch = Some(batch_time);
-            failpoint::reached("commit");
         }
-        let committed = commit::commit_batch(&self.source, batch_time, &ranges);
         tracing::debug!(
             "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
             planned_at,

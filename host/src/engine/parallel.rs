@@ -34,8 +34,5 @@ pub fn run_parallel<T: Sync, R: Send>(
     });
     // Items are taken in order, so every item without a result comes after a failed one and
     // the first error is returned before one is reached.
-    results
-        .into_iter()
-        .map_while(|result| result.into_inner().expect("not poisoned"))
-        .collect::<Result<Vec<_>, _>>()
+    results.into_iter().map_while(|result| result.into_inner().expect("not poisoned")).collect::<Result<Vec<_>, _>>()
 }

@@ -51,7 +51,13 @@ impl PidRateEstimator {
 
     /// Feeds one finished batch; returns the new rate, or `None` until there is one (the first
     /// batch only measures) and for batches that say nothing about speed (no records).
-    pub fn compute(&mut self, time_ms: i64, elements: u64, processing_ms: i64, scheduling_delay_ms: i64) -> Option<f64> {
+    pub fn compute(
+        &mut self,
+        time_ms: i64,
+        elements: u64,
+        processing_ms: i64,
+        scheduling_delay_ms: i64,
+    ) -> Option<f64> {
         if !(time_ms > self.latest_time && elements > 0 && processing_ms > 0) {
             return None;
         }

@@ -45,7 +45,8 @@ impl StateStep<'_> {
         }
 
         let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
-        let mut prior = keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
+        let mut prior =
+            keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
         let mut timing_out: Vec<BTreeMap<Vec<u8>, ()>> = vec![BTreeMap::new(); self.partitions as usize];
         if let Some(timeout) = self.timeout_ms {
             for (key, stored) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
@@ -96,8 +97,12 @@ impl StateStep<'_> {
                         Some(StateWrite::Put { key, bytes, previous_touched })
                     }
                     (StateChange::Keep, None, _) => None,
-                    (StateChange::Set(bytes), _, previous_touched) => Some(StateWrite::Put { key, bytes, previous_touched }),
-                    (StateChange::Remove, _, Some(previous_touched)) => Some(StateWrite::Remove { key, previous_touched }),
+                    (StateChange::Set(bytes), _, previous_touched) => {
+                        Some(StateWrite::Put { key, bytes, previous_touched })
+                    }
+                    (StateChange::Remove, _, Some(previous_touched)) => {
+                        Some(StateWrite::Remove { key, previous_touched })
+                    }
                     (StateChange::Remove, _, None) => None,
                 };
                 changes.state.extend(write);

@@ -56,8 +56,11 @@ impl WindowStep<'_> {
             let partition = state_partition(&value.key, self.partitions) as usize;
             shuffled[partition].entry(value.key).or_default().push(value.value);
         }
-        let shuffled: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>)>> =
-            shuffled.into_iter().filter(|groups| !groups.is_empty()).map(|groups| groups.into_iter().collect()).collect();
+        let shuffled: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>)>> = shuffled
+            .into_iter()
+            .filter(|groups| !groups.is_empty())
+            .map(|groups| groups.into_iter().collect())
+            .collect();
         let panes = run_parallel(instances, &shuffled, |instance, groups| {
             let lists: Vec<Vec<Vec<u8>>> = groups.iter().map(|(_, values)| values.clone()).collect();
             let panes = reduce_each(instance, lists)?;
@@ -88,7 +91,9 @@ impl WindowStep<'_> {
             .collect();
         for (key, mut panes) in stored {
             // Panes at or before the window's start are in no later window either.
-            changes.expired_panes.extend(panes.iter().filter(|(time, _)| *time <= start).map(|(time, _)| (key.clone(), *time)));
+            changes
+                .expired_panes
+                .extend(panes.iter().filter(|(time, _)| *time <= start).map(|(time, _)| (key.clone(), *time)));
             let previous = previous.remove(&key);
             if previous.is_none() && panes.iter().all(|(time, _)| *time <= start) {
                 continue;
@@ -130,7 +135,12 @@ impl WindowStep<'_> {
                 continue;
             }
             let values = |from: i64, to: i64| -> Vec<Vec<u8>> {
-                window.panes.iter().filter(|(time, _)| *time > from && *time <= to).map(|(_, pane)| pane.clone()).collect()
+                window
+                    .panes
+                    .iter()
+                    .filter(|(time, _)| *time > from && *time <= to)
+                    .map(|(_, pane)| pane.clone())
+                    .collect()
             };
             match &window.previous {
                 Some((end, previous)) if *end == previous_end => incremental.push((

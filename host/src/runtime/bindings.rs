@@ -34,8 +34,7 @@ pub mod windower {
 
 pub use transformer::sluice::plugin::host::Level;
 pub use transformer::sluice::plugin::types::{
-    BatchContext, Header, InputRecord, KeyedOutput, KeyedValue, OutputRecord, PluginError, PluginInfo,
-    Rejection,
+    BatchContext, Header, InputRecord, KeyedOutput, KeyedValue, OutputRecord, PluginError, PluginInfo, Rejection,
 };
 pub use updater::exports::sluice::plugin::stateful::{KeyGroup, KeyUpdate, StateChange};
 

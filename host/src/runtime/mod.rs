@@ -87,15 +87,15 @@ impl PluginRuntime {
         let pre = Pre::new(&linker, &component).map_err(|e| {
             let exports: Vec<String> =
                 component.component_type().exports(&engine).map(|(name, _)| name.to_string()).collect();
-            anyhow!("is not a component of any Sluice world ({}): {e:#}; it exports [{}]", WORLDS.join(", "), exports.join(", "))
+            anyhow!(
+                "is not a component of any Sluice world ({}): {e:#}; it exports [{}]",
+                WORLDS.join(", "),
+                exports.join(", ")
+            )
         })?;
 
         let digest = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let mut runtime = PluginRuntime {
-            pre,
-            config,
-            identity: PluginIdentity { info: placeholder_info(), digest },
-        };
+        let mut runtime = PluginRuntime { pre, config, identity: PluginIdentity { info: placeholder_info(), digest } };
         let mut first = runtime.instantiate()?;
         runtime.identity.info = first.describe()?;
         first.identity = runtime.identity.clone();
@@ -204,7 +204,10 @@ pub enum TaskError {
 impl PluginInstance {
     /// Runs one partition task through the plugin's `process`.
     pub fn process(&mut self, ctx: &BatchContext, records: &[InputRecord]) -> Result<TaskOutput, TaskError> {
-        let task = format!("{}:{} [{}, {}) of batch {} ms", ctx.topic, ctx.partition, ctx.from_offset, ctx.until_offset, ctx.batch_time);
+        let task = format!(
+            "{}:{} [{}, {}) of batch {} ms",
+            ctx.topic, ctx.partition, ctx.from_offset, ctx.until_offset, ctx.batch_time
+        );
         self.store.data_mut().task = format!("{}:{}", ctx.topic, ctx.partition);
         let keyed = |output: bindings::KeyedOutput| TaskOutput {
             outputs: output.outputs,
@@ -214,7 +217,11 @@ impl PluginInstance {
         let store = &mut self.store;
         let result = match &self.bindings {
             Bindings::Transform(b) => b.sluice_plugin_transform().call_process(store, ctx, records).map(|r| {
-                r.map(|output| TaskOutput { outputs: output.outputs, rejections: output.rejections, values: Vec::new() })
+                r.map(|output| TaskOutput {
+                    outputs: output.outputs,
+                    rejections: output.rejections,
+                    values: Vec::new(),
+                })
             }),
             Bindings::Stateful(b) => b.sluice_plugin_stateful().call_process(store, ctx, records).map(|r| r.map(keyed)),
             Bindings::Windowed(b) => b.sluice_plugin_windowed().call_process(store, ctx, records).map(|r| r.map(keyed)),

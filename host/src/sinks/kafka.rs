@@ -48,9 +48,8 @@ impl KafkaSink {
         if config.get("message.timeout.ms").is_none() {
             config.set("message.timeout.ms", delivery_timeout.as_millis().to_string());
         }
-        let producer = config
-            .create_with_context(DeliveryTracker::default())
-            .context("cannot create the Kafka producer")?;
+        let producer =
+            config.create_with_context(DeliveryTracker::default()).context("cannot create the Kafka producer")?;
         Ok(KafkaSink { producer, default_topic })
     }
 
@@ -59,7 +58,9 @@ impl KafkaSink {
     pub fn send_all(&mut self, outputs: &[OutputRecord]) -> Result<()> {
         let mut sent = 0usize;
         for output in outputs {
-            let Some(topic) = output.topic.as_deref().or(self.default_topic.as_deref()) else { continue };
+            let Some(topic) = output.topic.as_deref().or(self.default_topic.as_deref()) else {
+                continue;
+            };
             let mut record = BaseRecord::to(topic);
             if let Some(key) = &output.key {
                 record = record.key(key.as_slice());
@@ -68,9 +69,10 @@ impl KafkaSink {
                 record = record.payload(value.as_slice());
             }
             if !output.headers.is_empty() {
-                let headers = output.headers.iter().fold(OwnedHeaders::new_with_capacity(output.headers.len()), |headers, h| {
-                    headers.insert(KafkaHeader { key: &h.key, value: h.value.as_deref() })
-                });
+                let headers =
+                    output.headers.iter().fold(OwnedHeaders::new_with_capacity(output.headers.len()), |headers, h| {
+                        headers.insert(KafkaHeader { key: &h.key, value: h.value.as_deref() })
+                    });
                 record = record.headers(headers);
             }
             loop {
@@ -81,7 +83,9 @@ impl KafkaSink {
                         self.producer.poll(Duration::from_millis(10));
                         record = returned;
                     }
-                    Err((error, _)) => return Err(error).with_context(|| format!("cannot send an output to topic `{topic}`")),
+                    Err((error, _)) => {
+                        return Err(error).with_context(|| format!("cannot send an output to topic `{topic}`"));
+                    }
                 }
             }
             sent += 1;

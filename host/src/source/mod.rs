@@ -140,7 +140,11 @@ impl KafkaSource {
     }
 
     /// Chooses starting offsets for `partitions` and adds them to the assignment.
-    fn add_partitions(&mut self, partitions: Vec<TopicPartition>, explicit: &BTreeMap<TopicPartition, i64>) -> Result<()> {
+    fn add_partitions(
+        &mut self,
+        partitions: Vec<TopicPartition>,
+        explicit: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<()> {
         let committed = self.committed(&partitions)?;
         let mut assignment = TopicPartitionList::new();
         for partition in partitions {
@@ -254,7 +258,8 @@ impl KafkaSource {
         if resume.count() > 0 {
             self.consumer.resume(&resume).context("cannot resume partitions")?;
             for element in resume.elements() {
-                self.cursors.get_mut(&TopicPartition::new(element.topic(), element.partition())).unwrap().paused = false;
+                self.cursors.get_mut(&TopicPartition::new(element.topic(), element.partition())).unwrap().paused =
+                    false;
             }
         }
 
@@ -265,7 +270,9 @@ impl KafkaSource {
                 Some(Ok(message)) => {
                     let partition = TopicPartition::new(message.topic(), message.partition());
                     let record = input_record(&message);
-                    let Some(cursor) = self.cursors.get_mut(&partition) else { continue };
+                    let Some(cursor) = self.cursors.get_mut(&partition) else {
+                        continue;
+                    };
                     let Some((reached, until, records)) = tasks.get_mut(&partition) else {
                         // A partition with no range in this batch: keep for the next one.
                         cursor.read_ahead.push_back(record);
@@ -302,7 +309,8 @@ impl KafkaSource {
                     let positions = self.consumer.position().context("cannot read consumer positions")?;
                     for element in positions.elements() {
                         let partition = TopicPartition::new(element.topic(), element.partition());
-                        if let (Some((reached, until, _)), Offset::Offset(position)) = (tasks.get_mut(&partition), element.offset())
+                        if let (Some((reached, until, _)), Offset::Offset(position)) =
+                            (tasks.get_mut(&partition), element.offset())
                             && reached < until
                             && position >= *until
                         {
@@ -339,7 +347,11 @@ impl KafkaSource {
     pub fn commit(&self, ranges: &[OffsetRange]) -> Result<()> {
         let mut offsets = TopicPartitionList::new();
         for range in ranges {
-            offsets.add_partition_offset(&range.partition.topic, range.partition.partition, Offset::Offset(range.until))?;
+            offsets.add_partition_offset(
+                &range.partition.topic,
+                range.partition.partition,
+                Offset::Offset(range.until),
+            )?;
         }
         let mut attempt = 1;
         loop {
@@ -347,7 +359,8 @@ impl KafkaSource {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     let partitions = ranges.iter().map(|r| format!("{}={}", r.partition, r.until)).collect::<Vec<_>>();
-                    let message = format!("cannot commit offsets {} (attempt {attempt}): {error}", partitions.join(", "));
+                    let message =
+                        format!("cannot commit offsets {} (attempt {attempt}): {error}", partitions.join(", "));
                     if attempt >= COMMIT_ATTEMPTS {
                         bail!(message);
                     }
@@ -361,7 +374,8 @@ impl KafkaSource {
 
     /// Every partition of the job's topics the brokers know now, in order.
     fn discover(&self) -> Result<Vec<TopicPartition>> {
-        let metadata = self.retry("fetch topic metadata", |consumer, timeout| consumer.fetch_metadata(None, timeout))?;
+        let metadata =
+            self.retry("fetch topic metadata", |consumer, timeout| consumer.fetch_metadata(None, timeout))?;
         let mut partitions = Vec::new();
         for topic in metadata.topics() {
             let wanted = match &self.topics {
@@ -403,7 +417,11 @@ impl KafkaSource {
 
     /// Runs a broker request until it succeeds or `broker_timeout` has passed, logging each
     /// failure, so a broker that is briefly away does not stop the job.
-    fn retry<T>(&self, what: &str, mut request: impl FnMut(&BaseConsumer, Duration) -> Result<T, KafkaError>) -> Result<T> {
+    fn retry<T>(
+        &self,
+        what: &str,
+        mut request: impl FnMut(&BaseConsumer, Duration) -> Result<T, KafkaError>,
+    ) -> Result<T> {
         let deadline = Instant::now() + self.broker_timeout;
         let mut attempt = 1;
         loop {
@@ -438,7 +456,10 @@ fn input_record(message: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord 
     let headers = message
         .headers()
         .map(|headers| {
-            headers.iter().map(|header| Header { key: header.key.to_string(), value: header.value.map(<[u8]>::to_vec) }).collect()
+            headers
+                .iter()
+                .map(|header| Header { key: header.key.to_string(), value: header.value.map(<[u8]>::to_vec) })
+                .collect()
         })
         .unwrap_or_default();
     InputRecord {

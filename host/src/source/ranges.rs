@@ -124,7 +124,9 @@ impl fmt::Display for StartPosition {
             StartPosition::Explicit(offset) => write!(f, "{offset} (--start)"),
             StartPosition::Checkpoint(offset) => write!(f, "{offset} (checkpoint)"),
             StartPosition::Committed(offset) => write!(f, "{offset} (committed)"),
-            StartPosition::Reset(AutoOffsetReset::Earliest, offset) => write!(f, "{offset} (earliest)"),
+            StartPosition::Reset(AutoOffsetReset::Earliest, offset) => {
+                write!(f, "{offset} (earliest)")
+            }
             StartPosition::Reset(AutoOffsetReset::Latest, offset) => write!(f, "{offset} (latest)"),
         }
     }
@@ -263,14 +265,20 @@ mod tests {
     #[test]
     fn a_lost_position_fails_by_default_naming_both_numbers() {
         let error = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Fail).unwrap_err();
-        assert!(error.to_string().starts_with("in:3: offset 2 is outside the log, which holds offsets [4, 20)"), "{error}");
+        assert!(
+            error.to_string().starts_with("in:3: offset 2 is outside the log, which holds offsets [4, 20)"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_lost_position_skips_ahead_by_policy_counting_what_was_skipped() {
         let earliest = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Earliest).unwrap().unwrap();
         assert_eq!((earliest.to, earliest.skipped), (4, 2));
-        assert_eq!(earliest.to_string(), "offsets [2, 4) are gone from the log (retention); skipped 2 offsets, continuing at 4");
+        assert_eq!(
+            earliest.to_string(),
+            "offsets [2, 4) are gone from the log (retention); skipped 2 offsets, continuing at 4"
+        );
         let latest = check_in_log(&tp(), 2, (4, 20), OnOffsetOutOfRange::Latest).unwrap().unwrap();
         assert_eq!((latest.to, latest.skipped), (20, 18));
         // Past the end (a truncated log): earliest rewinds, skipping nothing.

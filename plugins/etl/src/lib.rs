@@ -132,7 +132,10 @@ mod tests {
     fn transforms_the_seed_sample_in_utc() {
         let out = run(&[], &[SAMPLE]);
         // 2018-11-11 13:29:02 UTC
-        assert_eq!(out.values_utf8(), ["238|1541942942000|58.223.1.112:59947|202.102.92.18:80|http://www.sumecjob.com/Social.aspx"]);
+        assert_eq!(
+            out.values_utf8(),
+            ["238|1541942942000|58.223.1.112:59947|202.102.92.18:80|http://www.sumecjob.com/Social.aspx"]
+        );
         assert!(out.rejections.is_empty());
     }
 

@@ -41,7 +41,13 @@ impl Stateful for Sessions {
         Ok(())
     }
 
-    fn update(&mut self, _user: &String, events: Vec<i64>, session: Option<Self::State>, _out: &mut Outputs) -> Option<Self::State> {
+    fn update(
+        &mut self,
+        _user: &String,
+        events: Vec<i64>,
+        session: Option<Self::State>,
+        _out: &mut Outputs,
+    ) -> Option<Self::State> {
         let first = events.iter().copied().min()?;
         let last = events.iter().copied().max()?;
         let Json(mut session) = session.unwrap_or(Json(Session { events: 0, first_seen: first, last_seen: last }));
@@ -70,7 +76,8 @@ mod tests {
     #[test]
     fn sessions_accumulate_silently_and_summarise_on_timeout() {
         let mut state = BTreeMap::new();
-        let outputs = run_stateful(&mut Sessions, &mut state, vec![record(0, "ann view"), record(1, "ann buy")]).unwrap();
+        let outputs =
+            run_stateful(&mut Sessions, &mut state, vec![record(0, "ann view"), record(1, "ann buy")]).unwrap();
         assert!(outputs.is_empty(), "an open session emits nothing");
         let Json(session) = state.remove("ann").unwrap();
         assert_eq!(session.events, 2);

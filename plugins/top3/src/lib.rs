@@ -34,7 +34,13 @@ impl Stateful for Top3 {
         Ok(())
     }
 
-    fn update(&mut self, category: &String, brands: Vec<String>, sales: Option<Self::State>, out: &mut Outputs) -> Option<Self::State> {
+    fn update(
+        &mut self,
+        category: &String,
+        brands: Vec<String>,
+        sales: Option<Self::State>,
+        out: &mut Outputs,
+    ) -> Option<Self::State> {
         let Json(mut sales) = sales.unwrap_or_default();
         for brand in brands {
             *sales.entry(brand).or_insert(0) += 1;
@@ -64,10 +70,13 @@ mod tests {
     #[test]
     fn ranks_brands_per_category_across_batches() {
         let mut state = BTreeMap::new();
-        let lines = ["1 apple phone", "2 huawei phone", "3 apple phone", "4 xiaomi phone", "5 oppo phone", "6 lenovo pc"];
-        let first = run_stateful(&mut Top3, &mut state, lines.iter().enumerate().map(|(i, l)| record(i as i64, *l)).collect());
+        let lines =
+            ["1 apple phone", "2 huawei phone", "3 apple phone", "4 xiaomi phone", "5 oppo phone", "6 lenovo pc"];
+        let first =
+            run_stateful(&mut Top3, &mut state, lines.iter().enumerate().map(|(i, l)| record(i as i64, *l)).collect());
         assert_eq!(values(&first.unwrap()), ["phone:apple=2,huawei=1,oppo=1", "pc:lenovo=1"]);
-        let second = run_stateful(&mut Top3, &mut state, vec![record(6, "7 xiaomi phone"), record(7, "8 xiaomi phone")]);
+        let second =
+            run_stateful(&mut Top3, &mut state, vec![record(6, "7 xiaomi phone"), record(7, "8 xiaomi phone")]);
         assert_eq!(values(&second.unwrap()), ["phone:xiaomi=3,apple=2,huawei=1"]);
         assert_eq!(state["phone"].0.values().sum::<u64>(), 7, "every sale is kept, not just the top 3");
     }

@@ -34,7 +34,9 @@ impl Windowed for WindowedCount {
     }
 
     fn present(&mut self, word: &String, count: u64, window: Window) -> Output {
-        Output::new(format!("({word},{count})")).with_key(word.as_str()).with_header("window-end", window.end.to_string())
+        Output::new(format!("({word},{count})"))
+            .with_key(word.as_str())
+            .with_header("window-end", window.end.to_string())
     }
 }
 

@@ -50,6 +50,9 @@ mod tests {
         let second = run_stateful(&mut WordCount, &mut state, vec![record(1, "be quick")]).unwrap();
         let values: Vec<&[u8]> = second.iter().filter_map(|o| o.value.as_deref()).collect();
         assert_eq!(values, [b"(be,3)".as_slice(), b"(quick,1)"]);
-        assert_eq!(state, [("be", 3), ("not", 1), ("or", 1), ("quick", 1), ("to", 2)].map(|(w, n)| (w.to_string(), n)).into());
+        assert_eq!(
+            state,
+            [("be", 3), ("not", 1), ("or", 1), ("quick", 1), ("to", 2)].map(|(w, n)| (w.to_string(), n)).into()
+        );
     }
 }

@@ -68,7 +68,8 @@ mod tests {
         slow.headers.push(Header { key: "busy-work".into(), value: Some(b"1000".to_vec()) });
         let mut failing = testing::record(2, "c");
         failing.headers.push(Header { key: "fail".into(), value: None });
-        let out = testing::run(&mut busy, &testing::context("t", 0), vec![testing::record(0, "a"), slow, failing]).unwrap();
+        let out =
+            testing::run(&mut busy, &testing::context("t", 0), vec![testing::record(0, "a"), slow, failing]).unwrap();
         assert_eq!(out.values_utf8(), ["a", "b"]);
         assert_eq!(out.rejections[0].offset, 2);
     }
