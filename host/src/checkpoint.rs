@@ -50,6 +50,13 @@ const WINDOWS: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("wind
 /// first batch time → JSON [`PluginRun`]: which plugin processed which batches.
 const PLUGINS: TableDefinition<i64, &str> = TableDefinition::new("plugins");
 
+/// A key's window panes: (batch time, pane), oldest first.
+pub type Panes = Vec<(i64, Vec<u8>)>;
+/// A kept window result: (window end, value).
+pub type WindowResult = (i64, Vec<u8>);
+/// A key and its state bytes.
+pub type KeyState = (Vec<u8>, Vec<u8>);
+
 /// A batch planned but not yet committed, replayed exactly after a crash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingBatch {
@@ -239,9 +246,9 @@ impl Checkpoint {
     }
 
     /// Every stored window pane, by key, in pane time order.
-    pub fn panes(&self) -> Result<BTreeMap<Vec<u8>, Vec<(i64, Vec<u8>)>>> {
+    pub fn panes(&self) -> Result<BTreeMap<Vec<u8>, Panes>> {
         let txn = self.db.begin_read()?;
-        let mut panes: BTreeMap<Vec<u8>, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+        let mut panes: BTreeMap<Vec<u8>, Panes> = BTreeMap::new();
         for entry in txn.open_table(PANES)?.iter()? {
             let (key, value) = entry?;
             let (key, time) = key.value();
@@ -251,7 +258,7 @@ impl Checkpoint {
     }
 
     /// The kept window result of each key that has one: (window end, value).
-    pub fn window_results(&self) -> Result<BTreeMap<Vec<u8>, (i64, Vec<u8>)>> {
+    pub fn window_results(&self) -> Result<BTreeMap<Vec<u8>, WindowResult>> {
         let txn = self.db.begin_read()?;
         let mut results = BTreeMap::new();
         for entry in txn.open_table(WINDOWS)?.iter()? {
@@ -384,7 +391,7 @@ impl CheckpointView {
 
     /// Key count and bytes per state partition (state and panes together), plus the first
     /// `samples` keys with their state.
-    pub fn state_stats(&self, samples: usize) -> Result<(Vec<PartitionStats>, Vec<(Vec<u8>, Vec<u8>)>)> {
+    pub fn state_stats(&self, samples: usize) -> Result<(Vec<PartitionStats>, Vec<KeyState>)> {
         let txn = self.db.begin_read()?;
         let partitions = read_state_partitions(&txn)?;
         let mut stats = vec![PartitionStats::default(); partitions as usize];

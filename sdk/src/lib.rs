@@ -263,10 +263,10 @@ macro_rules! export_transform {
                     records: ::std::vec::Vec<$crate::Record>,
                 ) -> ::std::result::Result<$crate::BatchOutput, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::Transform::process_batch(plugin, &ctx, records)))
-        }
+                }
             }
 
-            $crate::wit::__export_transformer_world!(SluiceExport with_types_in $crate::wit);
+    $crate::wit::__export_transformer_world!(SluiceExport with_types_in $crate::wit);
         };
 
         #[cfg(not(target_arch = "wasm32"))]

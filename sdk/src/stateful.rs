@@ -290,13 +290,13 @@ macro_rules! export_stateful {
                     groups: ::std::vec::Vec<$crate::wit::updater::exports::sluice::plugin::stateful::KeyGroup>,
                 ) -> ::std::result::Result<
                     ::std::vec::Vec<$crate::wit::updater::exports::sluice::plugin::stateful::KeyUpdate>,
-            $crate::PluginError,
+                    $crate::PluginError,
                 > {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::update_groups(plugin, groups)))
                 }
             }
 
-            $crate::wit::updater::__export_updater_world!(SluiceExport with_types_in $crate::wit::updater);
+    $crate::wit::updater::__export_updater_world!(SluiceExport with_types_in $crate::wit::updater);
         };
 
         #[cfg(not(target_arch = "wasm32"))]

@@ -212,7 +212,7 @@ macro_rules! export_windowed {
                     pairs: Vec<(Vec<u8>, Vec<u8>)>,
                 ) -> ::std::result::Result<Option<Vec<Vec<u8>>>, $crate::PluginError> {
                     PLUGIN.with(|slot| slot.with(|plugin| $crate::__private::inverse_reduce_pairs(plugin, pairs)))
-        }
+                }
 
                 fn present(
                     ctx: $crate::BatchContext,
@@ -222,7 +222,7 @@ macro_rules! export_windowed {
                 }
             }
 
-            $crate::wit::windower::__export_windower_world!(SluiceExport with_types_in $crate::wit::windower);
+    $crate::wit::windower::__export_windower_world!(SluiceExport with_types_in $crate::wit::windower);
         };
 
         #[cfg(not(target_arch = "wasm32"))]

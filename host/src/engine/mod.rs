@@ -6,6 +6,7 @@ mod commit;
 mod parallel;
 mod rate;
 mod schedule;
+mod shuffle;
 mod shutdown;
 mod state;
 mod window;

@@ -3,11 +3,12 @@
 //! that have new values (plus those timing out), call `update` once per state partition, and
 //! turn the answers into checkpoint writes and outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 
 use super::parallel::run_parallel;
+use super::shuffle::shuffle;
 use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, state_partition};
 use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, StateChange};
 
@@ -36,23 +37,16 @@ impl StateStep<'_> {
         values: Vec<Vec<KeyedValue>>,
         changes: &mut BatchChanges,
     ) -> Result<Vec<OutputRecord>> {
-        // The shuffle: equal keys meet, whichever input partition they came from, with their
-        // values in input partition order, then offset order.
-        let mut shuffled: Vec<BTreeMap<Vec<u8>, Vec<Vec<u8>>>> = vec![BTreeMap::new(); self.partitions as usize];
-        for value in values.into_iter().flatten() {
-            let partition = state_partition(&value.key, self.partitions) as usize;
-            shuffled[partition].entry(value.key).or_default().push(value.value);
-        }
-
+        let shuffled = shuffle(values, self.partitions);
         let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
         let mut prior =
             keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
-        let mut timing_out: Vec<BTreeMap<Vec<u8>, ()>> = vec![BTreeMap::new(); self.partitions as usize];
+        let mut timing_out: Vec<BTreeSet<Vec<u8>>> = vec![BTreeSet::new(); self.partitions as usize];
         if let Some(timeout) = self.timeout_ms {
             for (key, stored) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
                 let partition = state_partition(&key, self.partitions) as usize;
                 if !shuffled[partition].contains_key(&key) {
-                    timing_out[partition].insert(key.clone(), ());
+                    timing_out[partition].insert(key.clone());
                     prior.insert(key, Some(stored));
                 }
             }
@@ -75,7 +69,7 @@ impl StateStep<'_> {
                 previous_touched: Vec::with_capacity(groups.len() + idle.len()),
             };
             let entries = groups.into_iter().map(|(key, values)| (key, values, false));
-            let idle = idle.into_keys().map(|key| (key, Vec::new(), true));
+            let idle = idle.into_iter().map(|key| (key, Vec::new(), true));
             for (key, values, timing_out) in entries.chain(idle) {
                 let stored = prior.remove(&key).flatten();
                 task.previous_touched.push(stored.as_ref().map(|stored| stored.touched));

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 
 use super::parallel::run_parallel;
-use crate::checkpoint::{BatchChanges, Checkpoint, state_partition};
+use super::shuffle::{Groups, shuffle};
+use crate::checkpoint::{BatchChanges, Checkpoint, Panes, WindowResult, state_partition};
 use crate::runtime::{BatchContext, KeyedValue, OutputRecord, PluginInstance, TaskError};
 
 /// What the windowed step needs besides the batch's values.
@@ -24,9 +25,9 @@ pub struct WindowStep<'a> {
 /// One key's panes at a slide, and its previous window result if kept.
 struct KeyWindow {
     key: Vec<u8>,
-    /// (batch time, pane), oldest first: those in the window and those that just left it.
-    panes: Vec<(i64, Vec<u8>)>,
-    previous: Option<(i64, Vec<u8>)>,
+    /// Those in the window and those that just left it.
+    panes: Panes,
+    previous: Option<WindowResult>,
 }
 
 /// One state partition's work at a slide.
@@ -51,20 +52,12 @@ impl WindowStep<'_> {
         values: Vec<Vec<KeyedValue>>,
         changes: &mut BatchChanges,
     ) -> Result<Vec<OutputRecord>> {
-        let mut shuffled: Vec<BTreeMap<Vec<u8>, Vec<Vec<u8>>>> = vec![BTreeMap::new(); self.partitions as usize];
-        for value in values.into_iter().flatten() {
-            let partition = state_partition(&value.key, self.partitions) as usize;
-            shuffled[partition].entry(value.key).or_default().push(value.value);
-        }
-        let shuffled: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>)>> = shuffled
-            .into_iter()
-            .filter(|groups| !groups.is_empty())
-            .map(|groups| groups.into_iter().collect())
-            .collect();
+        let shuffled: Vec<Groups> =
+            shuffle(values, self.partitions).into_iter().filter(|groups| !groups.is_empty()).collect();
         let panes = run_parallel(instances, &shuffled, |instance, groups| {
-            let lists: Vec<Vec<Vec<u8>>> = groups.iter().map(|(_, values)| values.clone()).collect();
+            let lists: Vec<Vec<Vec<u8>>> = groups.values().cloned().collect();
             let panes = reduce_each(instance, lists)?;
-            Ok(groups.iter().map(|(key, _)| key.clone()).zip(panes).collect::<Vec<_>>())
+            Ok(groups.keys().cloned().zip(panes).collect::<Vec<_>>())
         })?;
         changes.panes = panes.into_iter().flatten().collect();
 
