@@ -133,6 +133,11 @@ fn word_counts_over_many_batches_and_a_restart_equal_an_independent_count() {
     let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(&checkpoint), LIMIT).stdout();
     assert!(inspect.contains(&format!("state: {} keys", expected.len())), "{inspect}");
     assert!(inspect.contains("wordcount 0.1.0 (state schema 1"), "{inspect}");
+
+    // Another plugin cannot take over this state.
+    let top3 = stateful_job(sluice_plugin_artifacts::TOP3, &broker.brokers, &topic, &group, &output, &checkpoint);
+    let mut top3 = top3;
+    run_host(&mut top3, LIMIT).assert_error(&["holds state of plugin wordcount (state schema 1)", "plugin top3 0.1.0"]);
 }
 
 /// The phases a crash point can stop a batch at, in batch order.
@@ -157,10 +162,12 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
     for i in (1..schedule.len()).rev() {
         schedule.swap(i, random.next(i as u64 + 1) as usize);
     }
+    let mut replays_checked = 0;
     for crash in schedule {
         let chunk = lines(&mut random, 60);
         produce(&broker.brokers, &topic, &chunk);
         produced.extend(chunk);
+        let interrupted = interrupted_batch(&checkpoint);
         let mut command =
             stateful_job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &group, &output, &checkpoint);
         match crash {
@@ -170,6 +177,10 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
                 let run = run_host(&mut command, LIMIT);
                 assert!(!run.success(), "crash at {phase}:{nth} did not happen:\n{}", run.stderr());
                 assert!(run.stderr().contains(&format!("crashing at {phase} #{nth}")), "{}", run.stderr());
+                if let Some((time, ranges)) = &interrupted {
+                    assert_replayed_exactly(&run.stderr(), *time, ranges);
+                    replays_checked += 1;
+                }
             }
             None => {
                 let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -184,6 +195,7 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
         }
         *crashes.entry(crash.unwrap_or("kill -9")).or_default() += 1;
     }
+    assert!(replays_checked >= 10, "most crashes interrupt a planned batch: {replays_checked} replays checked");
     assert_eq!(crashes.values().sum::<u32>(), 25);
 
     let last = run_host(
@@ -197,6 +209,32 @@ fn crashes_at_every_phase_neither_lose_nor_double_count() {
     // per word is exact.
     assert_eq!(latest_outputs(&broker.brokers, &output), expected);
     assert_everything_read(&broker.brokers, &topic, &group, &checkpoint);
+}
+
+/// The batch the checkpoint says was planned but not committed: its time and ranges, as
+/// `host checkpoint inspect` shows them.
+fn interrupted_batch(checkpoint: &Path) -> Option<(i64, String)> {
+    if !checkpoint.exists() {
+        return None;
+    }
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(checkpoint), LIMIT);
+    let pattern =
+        regex::Regex::new(r"interrupted batch: (\d+) ms, replayed with the same ranges on the next start: (.*)")
+            .unwrap();
+    let stdout = inspect.stdout();
+    let captures = pattern.captures(&stdout)?;
+    Some((captures[1].parse().unwrap(), captures[2].to_string()))
+}
+
+/// Asserts a run started by replaying the interrupted batch with its time and ranges, and,
+/// if it got as far as finishing it, logged it with those ranges.
+fn assert_replayed_exactly(stderr: &str, time: i64, ranges: &str) {
+    let replay = format!("replaying batch {time} ms, interrupted before its commit: {ranges}");
+    assert!(stderr.contains(&replay), "expected {replay:?} in:\n{stderr}");
+    let finished = format!("batch {time} ms: ");
+    if let Some(line) = stderr.lines().find(|line| line.contains(&finished)) {
+        assert!(line.ends_with(&format!("; {ranges}")), "batch {time} ms replayed with other ranges: {line}");
+    }
 }
 
 #[test]

@@ -129,10 +129,10 @@ async fn sessions_time_out_after_the_idle_period_and_only_then_across_a_restart(
             let mut lines = Vec::new();
             for user in 0..4usize {
                 let active = match user {
-                    0 => n % 7 < 2,  // bursts, idle 5 batches between
+                    0 => n % 7 < 2,           // bursts, idle 5 batches between
                     1 => n.is_multiple_of(3), // idle 2 batches: never times out in a run
-                    2 => n < 3,      // a single early session
-                    _ => n % 9 == 4, // rare
+                    2 => n < 3,               // a single early session
+                    _ => n % 9 == 4,          // rare
                 };
                 if active {
                     lines.push(((user % 2) as i32, format!("u{user} click{n}")));

@@ -350,20 +350,42 @@ impl Checkpoint {
 
 /// A read-only view for `host checkpoint inspect`, usable while no job holds the file.
 pub struct CheckpointView {
-    db: ReadOnlyDatabase,
+    db: ViewDatabase,
     path: PathBuf,
 }
 
+/// How the view opened the file: read-only, or (after a crash) through the repairing writer.
+enum ViewDatabase {
+    ReadOnly(ReadOnlyDatabase),
+    Repaired(Database),
+}
+
 impl CheckpointView {
-    /// Opens the checkpoint in `dir` without changing it.
+    /// Opens the checkpoint in `dir`. A file left by a crashed job needs redb's repair, which
+    /// only a writer may run; the view then opens it as the next job would, repairing it (the
+    /// data committed before the crash is exactly what remains).
     pub fn open(dir: &Path) -> Result<CheckpointView> {
         let path = dir.join(FILE_NAME);
         if !path.exists() {
             bail!("no checkpoint in {} (expected {})", dir.display(), path.display());
         }
-        let db = ReadOnlyDatabase::open(&path).map_err(|e| open_error(&path, e))?;
-        check_format(&db.begin_read()?, &path)?;
-        Ok(CheckpointView { db, path })
+        let db = match ReadOnlyDatabase::open(&path) {
+            Ok(db) => ViewDatabase::ReadOnly(db),
+            Err(redb::DatabaseError::RepairAborted) => {
+                ViewDatabase::Repaired(Database::open(&path).map_err(|e| open_error(&path, e))?)
+            }
+            Err(error) => return Err(open_error(&path, error)),
+        };
+        let view = CheckpointView { db, path };
+        check_format(&view.begin_read()?, &view.path)?;
+        Ok(view)
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction> {
+        Ok(match &self.db {
+            ViewDatabase::ReadOnly(db) => db.begin_read()?,
+            ViewDatabase::Repaired(db) => db.begin_read()?,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -372,12 +394,12 @@ impl CheckpointView {
 
     /// The resume point, as a job would see it.
     pub fn resume(&self) -> Result<Resume> {
-        read_resume(&self.db.begin_read()?)
+        read_resume(&self.begin_read()?)
     }
 
     /// Every plugin run, oldest first.
     pub fn plugin_runs(&self) -> Result<Vec<PluginRun>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let mut runs = Vec::new();
         for entry in txn.open_table(PLUGINS)?.iter()? {
             runs.push(serde_json::from_str(entry?.1.value())?);
@@ -386,13 +408,13 @@ impl CheckpointView {
     }
 
     pub fn state_partitions(&self) -> Result<u32> {
-        read_state_partitions(&self.db.begin_read()?)
+        read_state_partitions(&self.begin_read()?)
     }
 
     /// Key count and bytes per state partition (state and panes together), plus the first
     /// `samples` keys with their state.
     pub fn state_stats(&self, samples: usize) -> Result<(Vec<PartitionStats>, Vec<KeyState>)> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let partitions = read_state_partitions(&txn)?;
         let mut stats = vec![PartitionStats::default(); partitions as usize];
         let mut sample = Vec::new();
@@ -425,7 +447,7 @@ impl CheckpointView {
 
     /// Every key's state, in key order (for tests and debugging).
     pub fn state(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let mut state = BTreeMap::new();
         for entry in txn.open_table(STATE)?.iter()? {
             let (key, value) = entry?;

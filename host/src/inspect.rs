@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::checkpoint::CheckpointView;
+use crate::source::describe_ranges;
 
 /// How many keys `inspect` shows as samples.
 const SAMPLE_KEYS: usize = 5;
@@ -26,8 +27,9 @@ pub fn inspect(dir: &Path) -> Result<String> {
     if let Some(pending) = &resume.pending {
         writeln!(
             text,
-            "interrupted batch: {} ms, replayed with the same ranges on the next start",
-            pending.batch_time
+            "interrupted batch: {} ms, replayed with the same ranges on the next start: {}",
+            pending.batch_time,
+            describe_ranges(&pending.ranges)
         )?;
     }
     writeln!(text, "offsets (next batch starts at):")?;

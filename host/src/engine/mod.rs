@@ -11,7 +11,6 @@ mod shutdown;
 mod state;
 mod window;
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
@@ -24,7 +23,7 @@ use crate::config::JobConfig;
 use crate::failpoint;
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::sinks::{KafkaSink, PrintSink, Sinks};
-use crate::source::{KafkaSource, OffsetRange};
+use crate::source::{KafkaSource, OffsetRange, describe_ranges};
 use parallel::run_parallel;
 
 /// A job being run: its plugin, its source and its sinks.
@@ -172,7 +171,11 @@ impl Engine {
             // A batch interrupted by the last run's end comes first, with its original time.
             let replay = self.checkpoint.as_mut().and_then(|checkpoint| checkpoint.replay.take());
             if let Some(replay) = &replay {
-                tracing::info!("replaying batch {} ms, interrupted before its commit", replay.batch_time);
+                tracing::info!(
+                    "replaying batch {} ms, interrupted before its commit: {}",
+                    replay.batch_time,
+                    describe_ranges(&replay.ranges)
+                );
             }
             let wait = if replay.is_some() { 0 } else { batch_time - now_ms() };
             if wait > 0 {
@@ -441,13 +444,7 @@ fn open_checkpoint(
 }
 
 fn log_batch(report: &BatchReport) {
-    let mut ranges = String::new();
-    for range in report.ranges.iter().filter(|range| !range.is_empty()) {
-        let _ = write!(ranges, "{}{range}", if ranges.is_empty() { "" } else { ", " });
-    }
-    if ranges.is_empty() {
-        ranges.push_str("no new records");
-    }
+    let ranges = describe_ranges(&report.ranges);
     let rate = match report.rate {
         Some(rate) => format!("; rate limit {rate:.0} records/s"),
         None => String::new(),

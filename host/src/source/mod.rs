@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub use ranges::{
     AutoOffsetReset, OffsetRange, OnOffsetOutOfRange, Repositioned, StartCandidates, StartPosition, TopicPartition,
-    check_in_log, plan_range, start_position,
+    check_in_log, describe_ranges, plan_range, start_position,
 };
 
 use crate::config::{JobConfig, Topics};

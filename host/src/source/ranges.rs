@@ -72,6 +72,13 @@ impl fmt::Display for OffsetRange {
     }
 }
 
+/// The non-empty ranges of a batch, as logs and `host checkpoint inspect` show them:
+/// `in:0 [0, 5), in:2 [7, 9)`, or `no new records`.
+pub fn describe_ranges(ranges: &[OffsetRange]) -> String {
+    let described: Vec<String> = ranges.iter().filter(|range| !range.is_empty()).map(ToString::to_string).collect();
+    if described.is_empty() { "no new records".to_string() } else { described.join(", ") }
+}
+
 /// The range a batch takes from a partition whose next offset is `next` and whose log ends
 /// at `high_watermark`: everything available, or at most `cap` offsets when rate-limited.
 pub fn plan_range(partition: TopicPartition, next: i64, high_watermark: i64, cap: Option<i64>) -> OffsetRange {
