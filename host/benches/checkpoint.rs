@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_host::checkpoint::{BatchChanges, Checkpoint, CheckpointView, StateWrite};
+use sluice_host::checkpoint::{BatchChanges, Checkpoint, CheckpointView, PendingBatch, StateWrite};
 use sluice_host::runtime::{PluginIdentity, PluginInfo};
 use sluice_host::source::{OffsetRange, TopicPartition};
 
@@ -40,6 +40,25 @@ fn main() {
             ms(full_pass)
         );
     }
+    println!("plan write before each batch (time and ranges of 8 partitions): median {:.2} ms", ms(plan_write()));
+}
+
+/// The median time of the durable plan write a batch makes before fetching.
+fn plan_write() -> Duration {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let checkpoint = Checkpoint::open(dir.path(), 4).expect("open checkpoint");
+    let ranges: Vec<OffsetRange> = (0..8)
+        .map(|partition| OffsetRange { partition: TopicPartition::new("in", partition), from: 1_000, until: 2_000 })
+        .collect();
+    let mut times: Vec<Duration> = (0..MEASURED_BATCHES as i64)
+        .map(|batch_time| {
+            let started = Instant::now();
+            checkpoint.begin_batch(&PendingBatch { batch_time, ranges: ranges.clone() }).expect("plan write");
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
 }
 
 fn measure(keys: usize, plugin: &PluginIdentity) -> (Duration, Duration, Duration) {
