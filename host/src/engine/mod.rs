@@ -11,6 +11,7 @@ mod shutdown;
 mod state;
 mod window;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
@@ -23,7 +24,7 @@ use crate::config::JobConfig;
 use crate::failpoint;
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::sinks::{KafkaSink, PrintSink, Sinks};
-use crate::source::{KafkaSource, OffsetRange, describe_ranges};
+use crate::source::{KafkaSource, OffsetRange, TopicPartition, describe_ranges};
 use parallel::run_parallel;
 
 /// A job being run: its plugin, its source and its sinks.
@@ -102,13 +103,12 @@ impl Engine {
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
         check_job_fits_plugin(&job, &plugin)?;
         // The checkpoint is opened (and a bad one refused) before Kafka is touched.
-        let checkpoint = match &job.checkpoint {
-            Some(dir) => Some(open_checkpoint(dir, &job, &plugin, &mut first_instance)?),
-            None => None,
-        };
-        let checkpointed = match &checkpoint {
-            Some(checkpoint) => checkpoint.store.resume()?.offsets,
-            None => Default::default(),
+        let (checkpoint, checkpointed) = match &job.checkpoint {
+            Some(dir) => {
+                let (checkpoint, offsets) = open_checkpoint(dir, &job, &plugin, &mut first_instance)?;
+                (Some(checkpoint), offsets)
+            }
+            None => (None, BTreeMap::new()),
         };
 
         let client = job.kafka_client_config();
@@ -402,15 +402,16 @@ fn check_job_fits_plugin(job: &JobConfig, plugin: &PluginRuntime) -> Result<()> 
     }
 }
 
-/// Opens the job's checkpoint and checks that this plugin can continue its state.
+/// Opens the job's checkpoint and checks that this plugin can continue its state. Returns it
+/// with the offsets each partition continues from.
 fn open_checkpoint(
     dir: &std::path::Path,
     job: &JobConfig,
     plugin: &PluginRuntime,
     instance: &mut PluginInstance,
-) -> Result<JobCheckpoint> {
+) -> Result<(JobCheckpoint, BTreeMap<TopicPartition, i64>)> {
     let store = Checkpoint::open(dir, job.parallelism as u32)?;
-    let Resume { last_batch, pending, last_plugin, has_state, .. } = store.resume()?;
+    let Resume { offsets, last_batch, pending, last_plugin, has_state } = store.resume()?;
     let info = &plugin.identity().info;
     if let Some(last) = last_plugin.filter(|_| has_state)
         && (last.name != info.name || last.state_schema_version != info.state_schema_version)
@@ -426,13 +427,15 @@ fn open_checkpoint(
         );
     }
     // An explicit --start is a decision to re-read: the interrupted batch's plan no longer applies.
-    let replay = pending.filter(|pending| {
-        let overridden = pending.ranges.iter().any(|range| job.start.contains_key(&range.partition));
-        !overridden
-    });
-    if replay.is_none() && store.resume()?.pending.is_some() {
-        store.discard_pending()?;
-    }
+    let overridden =
+        |pending: &PendingBatch| pending.ranges.iter().any(|range| job.start.contains_key(&range.partition));
+    let replay = match pending {
+        Some(pending) if overridden(&pending) => {
+            store.discard_pending()?;
+            None
+        }
+        pending => pending,
+    };
     let invertible = plugin.kind() == PluginKind::Windowed
         && instance.inverse_reduce(&[]).map_err(|e| anyhow::anyhow!("plugin {}: {e}", info.name))?.is_some();
     let state_partitions = store.state_partitions()?;
@@ -440,7 +443,7 @@ fn open_checkpoint(
         Some(last) => tracing::info!("resuming from checkpoint {}, last batch {last} ms", store.path().display()),
         None => tracing::info!("starting a new checkpoint in {}", store.path().display()),
     }
-    Ok(JobCheckpoint { store, state_partitions, replay, last_batch, invertible })
+    Ok((JobCheckpoint { store, state_partitions, replay, last_batch, invertible }, offsets))
 }
 
 fn log_batch(report: &BatchReport) {
