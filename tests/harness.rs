@@ -175,6 +175,8 @@ pub struct Consumed {
     pub offset: i64,
     pub key: Option<String>,
     pub value: Option<String>,
+    /// Headers by name (a repeated name keeps its last value).
+    pub headers: BTreeMap<String, Option<String>>,
 }
 
 /// Every record of `topic`, read with confluent-kafka.

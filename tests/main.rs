@@ -19,6 +19,8 @@ mod etl_process;
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
 mod graceful_stop;
+/// Misbehaving plugins: limits, capabilities and failure policies.
+mod sandbox;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
 /// Windows and state timeouts against brute-force computations, across a restart.

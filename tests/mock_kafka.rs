@@ -162,6 +162,8 @@ impl MockKafka {
             checkpoint: None,
             state_timeout: None,
             window: None,
+            sandbox: Default::default(),
+            failure: Default::default(),
         }
     }
 }

@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 
+use crate::runtime::{GrantedDir, Sandbox};
 use crate::source::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
 
 /// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
@@ -22,6 +23,8 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// The lowest rate backpressure chooses when no `--backpressure-min-rate` is given (Spark's).
 pub const DEFAULT_BACKPRESSURE_MIN_RATE: f64 = 100.0;
+/// Retries of a failed partition task when no `--task-retries` is given.
+pub const DEFAULT_TASK_RETRIES: u32 = 2;
 /// How long unreachable brokers are retried when no `--broker-timeout` is given.
 pub const DEFAULT_BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,6 +165,51 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_SLIDE", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub slide: Option<Duration>,
+
+    /// How long one plugin call (one partition task) may run before it is stopped [default: 30s].
+    #[arg(long, env = "SLUICE_TASK_DEADLINE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub task_deadline: Option<Duration>,
+
+    /// Memory per plugin instance, e.g. `256MiB`, `1GiB` [default: 256MiB].
+    #[arg(long, env = "SLUICE_MAX_MEMORY", value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "size")]
+    pub max_memory: Option<u64>,
+
+    /// Elements per table per plugin instance [default: 100000].
+    #[arg(long, env = "SLUICE_MAX_TABLE_ELEMENTS", value_name = "N")]
+    pub max_table_elements: Option<u32>,
+
+    /// Core instances (and tables, memories) one plugin component may create [default: 64].
+    #[arg(long, env = "SLUICE_MAX_INSTANCES", value_name = "N")]
+    pub max_instances: Option<u32>,
+
+    /// What to do with a partition task that still fails after its retries: halt the job,
+    /// send its poison records to --dead-letter-topic, or skip it [default: halt].
+    #[arg(long, env = "SLUICE_ON_FAILURE", value_enum)]
+    pub on_failure: Option<FailurePolicy>,
+
+    /// Retries of a failed partition task, each on a fresh plugin instance, with backoff
+    /// from 100ms doubling [default: 2].
+    #[arg(long, env = "SLUICE_TASK_RETRIES", value_name = "N")]
+    pub task_retries: Option<u32>,
+
+    /// Topic for dead letters: records the plugin rejected, and with `--on-failure
+    /// dead-letter` the records a failing task was isolated down to.
+    #[arg(long, env = "SLUICE_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
+    /// Grant the plugin one environment variable, as NAME=VALUE (repeatable). Plugins see no
+    /// environment otherwise.
+    #[arg(long = "allow-env", value_name = "NAME=VALUE", value_parser = parse_key_value)]
+    #[serde(default, deserialize_with = "pairs_from_table")]
+    pub allow_env: Vec<(String, String)>,
+
+    /// Grant the plugin read-only access to a host directory, as HOST_DIR or HOST_DIR:GUEST_DIR
+    /// (repeatable). Plugins see no files otherwise.
+    #[arg(long = "allow-dir", value_name = "HOST_DIR[:GUEST_DIR]")]
+    #[serde(default)]
+    pub allow_dirs: Vec<String>,
 }
 
 impl JobOptions {
@@ -216,6 +264,15 @@ impl JobOptions {
             state_timeout: self.state_timeout.or(file.state_timeout),
             window: self.window.or(file.window),
             slide: self.slide.or(file.slide),
+            task_deadline: self.task_deadline.or(file.task_deadline),
+            max_memory: self.max_memory.or(file.max_memory),
+            max_table_elements: self.max_table_elements.or(file.max_table_elements),
+            max_instances: self.max_instances.or(file.max_instances),
+            on_failure: self.on_failure.or(file.on_failure),
+            task_retries: self.task_retries.or(file.task_retries),
+            dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
+            allow_env: pairs(file.allow_env, self.allow_env),
+            allow_dirs: list(self.allow_dirs, file.allow_dirs),
         }
     }
 }
@@ -252,6 +309,35 @@ pub struct JobConfig {
     pub checkpoint: Option<PathBuf>,
     pub state_timeout: Option<Duration>,
     pub window: Option<WindowSpec>,
+    pub sandbox: Sandbox,
+    pub failure: FailureSettings,
+}
+
+/// What happens to a partition task that fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Stop the job with an error; nothing past the last good batch is committed.
+    #[default]
+    Halt,
+    /// Isolate the failing records, send them to --dead-letter-topic, and go on.
+    DeadLetter,
+    /// Log and count the task's records as skipped, and go on.
+    Skip,
+}
+
+/// The failure policy and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureSettings {
+    pub policy: FailurePolicy,
+    pub retries: u32,
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for FailureSettings {
+    fn default() -> FailureSettings {
+        FailureSettings { policy: FailurePolicy::Halt, retries: DEFAULT_TASK_RETRIES, dead_letter_topic: None }
+    }
 }
 
 /// Window length and slide of a windowed job, both multiples of the batch interval.
@@ -366,6 +452,24 @@ impl JobConfig {
                 (None, Some(_)) => bail!("--slide needs --window"),
                 (None, None) => None,
             },
+            sandbox: sandbox(
+                options.task_deadline,
+                options.max_memory,
+                options.max_table_elements,
+                options.max_instances,
+                options.allow_env,
+                &options.allow_dirs,
+            )?,
+            failure: FailureSettings {
+                policy: match (options.on_failure.unwrap_or_default(), &options.dead_letter_topic) {
+                    (FailurePolicy::DeadLetter, None) => {
+                        bail!("--on-failure dead-letter needs --dead-letter-topic TOPIC")
+                    }
+                    (policy, _) => policy,
+                },
+                retries: options.task_retries.unwrap_or(DEFAULT_TASK_RETRIES),
+                dead_letter_topic: options.dead_letter_topic,
+            },
         })
     }
 
@@ -379,6 +483,63 @@ impl JobConfig {
         }
         config
     }
+}
+
+/// The plugin sandbox from its options, defaults filled in.
+fn sandbox(
+    deadline: Option<Duration>,
+    max_memory: Option<u64>,
+    max_table_elements: Option<u32>,
+    max_instances: Option<u32>,
+    env: Vec<(String, String)>,
+    dirs: &[String],
+) -> Result<Sandbox> {
+    let defaults = Sandbox::default();
+    if deadline.is_some_and(|deadline| deadline.is_zero()) {
+        bail!("--task-deadline must be longer than zero");
+    }
+    let dirs = dirs
+        .iter()
+        .map(|grant| {
+            let (host, guest) = match grant.rsplit_once(':') {
+                Some((host, guest)) if !host.is_empty() && guest.starts_with('/') => (host, guest.to_string()),
+                _ => (grant.as_str(), grant.clone()),
+            };
+            let host = PathBuf::from(host);
+            if !host.is_dir() {
+                bail!("--allow-dir {grant}: {} is not a directory", host.display());
+            }
+            Ok(GrantedDir { host, guest })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Sandbox {
+        deadline: deadline.unwrap_or(defaults.deadline),
+        max_memory: max_memory.unwrap_or(defaults.max_memory),
+        max_table_elements: max_table_elements.unwrap_or(defaults.max_table_elements),
+        max_instances: max_instances.unwrap_or(defaults.max_instances),
+        env,
+        dirs,
+    })
+}
+
+/// Parses a size in bytes: a number with an optional unit, `KiB`, `MiB`, `GiB` (powers of
+/// 1024) or `KB`, `MB`, `GB` (powers of 1000).
+fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().with_context(|| format!("expected a size such as 256MiB, got {text:?}"))?;
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => bail!("unknown size unit {other:?} in {text:?}: use KiB, MiB, GiB, KB, MB or GB"),
+    };
+    number.checked_mul(unit).with_context(|| format!("size {text:?} is too large"))
 }
 
 fn positive_rate(flag: &str, rate: Option<f64>) -> Result<Option<f64>> {
@@ -434,6 +595,20 @@ impl Scalar {
             Scalar::Float(x) => x.to_string(),
             Scalar::Bool(b) => b.to_string(),
         }
+    }
+}
+
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Size::Bytes(bytes)) => Ok(Some(bytes)),
+        Some(Size::Text(text)) => parse_size(&text).map(Some).map_err(serde::de::Error::custom),
     }
 }
 

@@ -72,6 +72,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         checkpoint: None,
         state_timeout: None,
         window: None,
+        sandbox: Default::default(),
+        failure: Default::default(),
     };
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine

@@ -6,7 +6,7 @@ offsets and committed group offsets are read back with confluent-kafka. Every co
 one JSON document on stdout so the Rust tests can assert on exact values.
 
   produce   --brokers B --topic T          lines of JSON {"partition", "key", "value"} on stdin
-  consume   --brokers B --topic T          every record of T: [{"partition", "offset", "key", "value"}]
+  consume   --brokers B --topic T          every record of T: [{"partition", "offset", "key", "value", "headers"}]
   offsets   --brokers B --topic T --group G  {"<partition>": {"committed": n|null, "end": n}}
 """
 
@@ -82,6 +82,7 @@ def consume(args):
                 "offset": message.offset(),
                 "key": key.decode() if key is not None else None,
                 "value": message.value().decode() if message.value() is not None else None,
+                "headers": {k: (v.decode() if v is not None else None) for k, v in (message.headers() or [])},
             }
         )
         if message.offset() + 1 >= remaining.get(message.partition(), 0):

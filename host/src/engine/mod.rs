@@ -3,6 +3,7 @@
 //! the outputs, then commit: checkpoint first, consumer group second.
 
 mod commit;
+mod failure;
 mod parallel;
 mod rate;
 mod schedule;
@@ -25,7 +26,8 @@ use crate::failpoint;
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::sinks::{KafkaSink, PrintSink, Sinks};
 use crate::source::{KafkaSource, OffsetRange, TopicPartition, describe_ranges};
-use parallel::run_parallel;
+use failure::FailureHandling;
+use parallel::run_each;
 
 /// A job being run: its plugin, its source and its sinks.
 pub struct Engine {
@@ -59,6 +61,13 @@ struct PartitionTask {
     records: Vec<InputRecord>,
 }
 
+impl PartitionTask {
+    /// The record at `offset`, if the task has it (records are in offset order).
+    fn record(&self, offset: i64) -> Option<&InputRecord> {
+        self.records.binary_search_by_key(&offset, |record| record.offset).ok().map(|index| &self.records[index])
+    }
+}
+
 /// What one batch did, as logged.
 #[derive(Debug, Clone)]
 pub struct BatchReport {
@@ -67,6 +76,10 @@ pub struct BatchReport {
     pub records_in: usize,
     pub outputs: usize,
     pub rejected: usize,
+    /// Records sent to the dead-letter topic (rejections and isolated poison records).
+    pub dead_letters: usize,
+    /// Records of failed tasks skipped under `--on-failure skip`.
+    pub skipped: usize,
     /// From the batch's start to its commit.
     pub processing: Duration,
     /// How late the batch started relative to its batch time.
@@ -92,6 +105,8 @@ pub struct RunSummary {
     pub records_in: u64,
     pub outputs: u64,
     pub rejected: u64,
+    pub dead_letters: u64,
+    pub skipped: u64,
 }
 
 impl Engine {
@@ -99,7 +114,8 @@ impl Engine {
     /// The plugin comes first so that a bad plugin or plugin configuration is refused before
     /// the job touches Kafka.
     pub fn start(job: JobConfig) -> Result<Engine> {
-        let (plugin, mut first_instance) = PluginRuntime::load(&job.plugin, job.plugin_config.clone())?;
+        let (plugin, mut first_instance) =
+            PluginRuntime::load(&job.plugin, job.plugin_config.clone(), job.sandbox.clone())?;
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
         check_job_fits_plugin(&job, &plugin)?;
         // The checkpoint is opened (and a bad one refused) before Kafka is touched.
@@ -209,6 +225,8 @@ impl Engine {
             summary.records_in += report.records_in as u64;
             summary.outputs += report.outputs as u64;
             summary.rejected += report.rejected as u64;
+            summary.dead_letters += report.dead_letters as u64;
+            summary.skipped += report.skipped as u64;
 
             if self.job.max_batches.is_some_and(|max| summary.batches >= max) {
                 tracing::info!("stopping after {} batches (--max-batches)", summary.batches);
@@ -225,11 +243,13 @@ impl Engine {
                 .context("stopping with the last batch's offsets uncommitted; the next run replays it")?;
         }
         tracing::info!(
-            "stopped after {} batches: {} records in, {} out, {} rejected",
+            "stopped after {} batches: {} records in, {} out, {} rejected, {} dead letters, {} skipped",
             summary.batches,
             summary.records_in,
             summary.outputs,
-            summary.rejected
+            summary.rejected,
+            summary.dead_letters,
+            summary.skipped
         );
         Ok(summary)
     }
@@ -299,13 +319,30 @@ impl Engine {
             })
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len()).sum();
-        let results =
-            run_parallel(&mut self.instances, &tasks, |instance, task| instance.process(&task.context, &task.records))?;
+        let results = run_each(&self.plugin, &mut self.instances, &tasks, |instance, task| {
+            instance.process(&task.context, &task.records)
+        });
+        let failures = FailureHandling {
+            runtime: &self.plugin,
+            policy: self.job.failure.policy,
+            retries: self.job.failure.retries,
+            dead_letter_topic: self.job.failure.dead_letter_topic.as_deref(),
+        };
 
-        let mut outputs: Vec<OutputRecord> = Vec::with_capacity(results.iter().map(|r| r.outputs.len()).sum());
+        let mut outputs: Vec<OutputRecord> = Vec::new();
+        let mut dead_letters: Vec<OutputRecord> = Vec::new();
         let mut values = Vec::with_capacity(results.len());
-        let mut rejected = 0;
+        let (mut rejected, mut skipped) = (0, 0);
         for (task, result) in tasks.iter().zip(results) {
+            let result = match result {
+                Ok(output) => output,
+                Err(error) => {
+                    let recovered = failures.recover(task, error).with_context(|| format!("batch {batch_time} ms"))?;
+                    dead_letters.extend(recovered.dead_letters);
+                    skipped += recovered.skipped;
+                    recovered.output
+                }
+            };
             for rejection in &result.rejections {
                 tracing::warn!(
                     "rejected {}:{} offset {}: {}",
@@ -314,6 +351,11 @@ impl Engine {
                     rejection.offset,
                     rejection.reason
                 );
+                if failures.dead_letter_topic.is_some()
+                    && let Some(record) = task.record(rejection.offset)
+                {
+                    dead_letters.push(failures.dead_letter(&task.context, record, "rejected", &rejection.reason)?);
+                }
             }
             rejected += result.rejections.len();
             outputs.extend(result.outputs);
@@ -324,6 +366,7 @@ impl Engine {
             let keyed = match self.plugin.kind() {
                 PluginKind::Transform => Vec::new(),
                 PluginKind::Stateful => state::StateStep {
+                    runtime: &self.plugin,
                     checkpoint: &checkpoint.store,
                     partitions: checkpoint.state_partitions,
                     timeout_ms: self.job.state_timeout.map(|timeout| timeout.as_millis() as i64),
@@ -333,6 +376,7 @@ impl Engine {
                 PluginKind::Windowed => {
                     let window = self.job.window.context("a windowed plugin needs --window")?;
                     window::WindowStep {
+                        runtime: &self.plugin,
                         checkpoint: &checkpoint.store,
                         partitions: checkpoint.state_partitions,
                         length_ms: window.length.as_millis() as i64,
@@ -349,7 +393,7 @@ impl Engine {
         let processed_at = started.elapsed();
 
         self.sinks
-            .deliver(batch_time, &outputs)
+            .deliver(batch_time, &outputs, &dead_letters)
             .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
         failpoint::reached("deliver");
         let delivered_at = started.elapsed();
@@ -373,6 +417,8 @@ impl Engine {
             records_in,
             outputs: outputs.len(),
             rejected,
+            dead_letters: dead_letters.len(),
+            skipped,
             processing: started.elapsed(),
             scheduling_delay,
             caught_up,
@@ -448,12 +494,16 @@ fn open_checkpoint(
 
 fn log_batch(report: &BatchReport) {
     let ranges = describe_ranges(&report.ranges);
+    let failed = match (report.dead_letters, report.skipped) {
+        (0, 0) => String::new(),
+        (dead_letters, skipped) => format!(", {dead_letters} dead letters, {skipped} skipped"),
+    };
     let rate = match report.rate {
         Some(rate) => format!("; rate limit {rate:.0} records/s"),
         None => String::new(),
     };
     tracing::info!(
-        "batch {} ms: {} in, {} out, {} rejected; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",
+        "batch {} ms: {} in, {} out, {} rejected{failed}; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",
         report.batch_time,
         report.records_in,
         report.outputs,

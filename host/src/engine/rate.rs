@@ -242,6 +242,8 @@ mod tests {
             records_in: 100,
             outputs: 100,
             rejected: 0,
+            dead_letters: 0,
+            skipped: 0,
             processing: Duration::from_millis(50),
             scheduling_delay: Duration::ZERO,
             caught_up: false,

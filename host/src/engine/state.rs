@@ -10,10 +10,11 @@ use anyhow::Result;
 use super::parallel::run_parallel;
 use super::shuffle::shuffle;
 use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, state_partition};
-use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, StateChange};
+use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, StateChange};
 
 /// What the stateful step needs besides the batch's values.
 pub struct StateStep<'a> {
+    pub runtime: &'a PluginRuntime,
     pub checkpoint: &'a Checkpoint,
     pub partitions: u32,
     /// `--state-timeout`, in milliseconds.
@@ -78,7 +79,9 @@ impl StateStep<'_> {
             tasks.push(task);
         }
 
-        let answers = run_parallel(instances, &tasks, |instance, task| instance.update(&task.context, &task.groups))?;
+        let answers = run_parallel(self.runtime, instances, &tasks, |instance, task| {
+            instance.update(&task.context, &task.groups)
+        })?;
         let mut outputs = Vec::new();
         for (task, updates) in tasks.into_iter().zip(answers) {
             for ((group, previous_touched), update) in task.groups.into_iter().zip(task.previous_touched).zip(updates) {

@@ -9,10 +9,11 @@ use anyhow::Result;
 use super::parallel::run_parallel;
 use super::shuffle::{Groups, shuffle};
 use crate::checkpoint::{BatchChanges, Checkpoint, Panes, WindowResult, state_partition};
-use crate::runtime::{BatchContext, KeyedValue, OutputRecord, PluginInstance, TaskError};
+use crate::runtime::{BatchContext, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, TaskError};
 
 /// What the windowed step needs besides the batch's values.
 pub struct WindowStep<'a> {
+    pub runtime: &'a PluginRuntime,
     pub checkpoint: &'a Checkpoint,
     pub partitions: u32,
     pub length_ms: i64,
@@ -54,7 +55,7 @@ impl WindowStep<'_> {
     ) -> Result<Vec<OutputRecord>> {
         let shuffled: Vec<Groups> =
             shuffle(values, self.partitions).into_iter().filter(|groups| !groups.is_empty()).collect();
-        let panes = run_parallel(instances, &shuffled, |instance, groups| {
+        let panes = run_parallel(self.runtime, instances, &shuffled, |instance, groups| {
             let lists: Vec<Vec<Vec<u8>>> = groups.values().cloned().collect();
             let panes = reduce_each(instance, lists)?;
             Ok(groups.keys().cloned().zip(panes).collect::<Vec<_>>())
@@ -102,7 +103,7 @@ impl WindowStep<'_> {
         }
         tasks.retain(|task| !task.keys.is_empty());
 
-        let results = run_parallel(instances, &tasks, |instance, task| self.slide(instance, task))?;
+        let results = run_parallel(self.runtime, instances, &tasks, |instance, task| self.slide(instance, task))?;
         let mut outputs = Vec::new();
         for result in results {
             outputs.extend(result.outputs);

@@ -5,21 +5,25 @@
 //! calls of [`PluginInstance`], whatever world (transform, stateful, windowed) the plugin is. Sandbox limits (fuel, epochs, memory) and upgrades attach here.
 
 mod bindings;
+pub mod sandbox;
 
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime::{Config, Engine, Store, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use bindings::{
     BatchContext, Header, InputRecord, KeyGroup, KeyUpdate, KeyedValue, Level, OutputRecord, PluginError, PluginInfo,
     Rejection, StateChange, WORLDS,
 };
 use bindings::{transformer, updater, windower};
+use sandbox::{CapturedOutput, EpochTicker};
+pub use sandbox::{GrantedDir, Sandbox};
 
 /// What a plugin does, by the world it implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,19 +67,30 @@ pub struct PluginRuntime {
     pre: Pre,
     config: Vec<(String, String)>,
     identity: PluginIdentity,
+    sandbox: Sandbox,
+    /// Advances the epoch that call deadlines count in; stops when the runtime is dropped.
+    _ticker: EpochTicker,
 }
 
 impl PluginRuntime {
     /// Reads, compiles and validates the component at `path`, then makes one instance and calls
     /// its `init` with `config`, so that a bad plugin or a bad configuration is refused before
     /// the job touches Kafka.
-    pub fn load(path: &Path, config: Vec<(String, String)>) -> Result<(PluginRuntime, PluginInstance)> {
+    pub fn load(
+        path: &Path,
+        config: Vec<(String, String)>,
+        sandbox: Sandbox,
+    ) -> Result<(PluginRuntime, PluginInstance)> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read plugin {}", path.display()))?;
-        Self::from_bytes(&bytes, config).with_context(|| format!("plugin {}", path.display()))
+        Self::from_bytes(&bytes, config, sandbox).with_context(|| format!("plugin {}", path.display()))
     }
 
     /// As [`PluginRuntime::load`], for a component already in memory.
-    pub fn from_bytes(bytes: &[u8], config: Vec<(String, String)>) -> Result<(PluginRuntime, PluginInstance)> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        config: Vec<(String, String)>,
+        sandbox: Sandbox,
+    ) -> Result<(PluginRuntime, PluginInstance)> {
         check_is_component(bytes)?;
         let engine = engine()?;
         let component = Component::new(&engine, bytes).map_err(|e| wasm_error(e, "is not a valid Wasm component"))?;
@@ -95,7 +110,13 @@ impl PluginRuntime {
         })?;
 
         let digest = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let mut runtime = PluginRuntime { pre, config, identity: PluginIdentity { info: placeholder_info(), digest } };
+        let mut runtime = PluginRuntime {
+            _ticker: EpochTicker::start(engine.clone())?,
+            pre,
+            config,
+            identity: PluginIdentity { info: placeholder_info(), digest },
+            sandbox,
+        };
         let mut first = runtime.instantiate()?;
         runtime.identity.info = first.describe()?;
         first.identity = runtime.identity.clone();
@@ -118,7 +139,11 @@ impl PluginRuntime {
 
     /// A fresh, initialised instance with its own store: for one worker, never shared.
     pub fn instantiate(&self) -> Result<PluginInstance> {
-        let mut store = Store::new(self.pre.engine(), InstanceState::new());
+        let mut store = Store::new(self.pre.engine(), InstanceState::new(&self.sandbox)?);
+        store.data_mut().plugin = self.identity.info.name.clone();
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.sandbox.deadline_ticks());
         let instantiated = match &self.pre {
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Bindings::Transform),
             Pre::Stateful(pre) => pre.instantiate(&mut store).map(Bindings::Stateful),
@@ -132,7 +157,12 @@ impl PluginRuntime {
         };
         init.map_err(|trap| anyhow!("trapped in init: {trap:#}"))?
             .map_err(|error| anyhow!("refused its configuration: {}", describe_error(&error)))?;
-        Ok(PluginInstance { store, bindings, identity: self.identity.clone() })
+        Ok(PluginInstance {
+            store,
+            bindings,
+            identity: self.identity.clone(),
+            deadline_ticks: self.sandbox.deadline_ticks(),
+        })
     }
 }
 
@@ -188,17 +218,57 @@ pub struct PluginInstance {
     store: Store<InstanceState>,
     bindings: Bindings,
     identity: PluginIdentity,
+    /// The call deadline, in epoch ticks.
+    deadline_ticks: u64,
 }
 
-/// Why a partition task failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TaskError {
+/// Why a plugin call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
     /// The plugin returned a `plugin-error`.
-    #[error("plugin {plugin} failed on {task}: {message}")]
-    Plugin { plugin: String, task: String, message: String },
-    /// The plugin trapped (a bug or a resource limit); its instance is unusable afterwards.
-    #[error("plugin {plugin} trapped on {task}: {message}")]
-    Trap { plugin: String, task: String, message: String },
+    PluginError,
+    /// The plugin trapped: a panic, `unreachable`, an out-of-bounds access.
+    Trap,
+    /// The call ran past the job's deadline and was interrupted.
+    Deadline,
+    /// The plugin tried to grow its memory (or a table) past the job's limit.
+    Memory,
+}
+
+impl FailureKind {
+    /// The name used in logs and dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::PluginError => "plugin-error",
+            FailureKind::Trap => "trap",
+            FailureKind::Deadline => "deadline",
+            FailureKind::Memory => "memory",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed plugin call. A call that trapped (any kind but `PluginError`) leaves its instance
+/// unusable; the engine replaces it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin {plugin} failed on {task} ({kind}): {message}")]
+pub struct TaskError {
+    pub kind: FailureKind,
+    pub plugin: String,
+    pub task: String,
+    pub message: String,
+}
+
+impl TaskError {
+    /// Whether the instance that failed must be replaced before its next call.
+    pub fn poisons_instance(&self) -> bool {
+        self.kind != FailureKind::PluginError
+    }
 }
 
 impl PluginInstance {
@@ -214,6 +284,7 @@ impl PluginInstance {
             rejections: output.rejections,
             values: output.values,
         };
+        self.arm_deadline();
         let store = &mut self.store;
         let result = match &self.bindings {
             Bindings::Transform(b) => b.sluice_plugin_transform().call_process(store, ctx, records).map(|r| {
@@ -233,13 +304,15 @@ impl PluginInstance {
     pub fn update(&mut self, ctx: &BatchContext, groups: &[KeyGroup]) -> Result<Vec<KeyUpdate>, TaskError> {
         let task = format!("state partition {} of batch {} ms", ctx.partition, ctx.batch_time);
         self.store.data_mut().task = format!("state:{}", ctx.partition);
+        self.arm_deadline();
         let result = match &self.bindings {
             Bindings::Stateful(b) => b.sluice_plugin_stateful().call_update(&mut self.store, ctx, groups),
             _ => return Err(self.wrong_kind(task, "update")),
         };
         let updates = self.outcome(task.clone(), result)?;
         if updates.len() != groups.len() {
-            return Err(TaskError::Plugin {
+            return Err(TaskError {
+                kind: FailureKind::PluginError,
                 plugin: self.identity.info.name.clone(),
                 task,
                 message: format!("answered {} key updates for {} key groups", updates.len(), groups.len()),
@@ -251,6 +324,7 @@ impl PluginInstance {
     /// Folds each list of values into one with a windowed plugin's `reduce`.
     pub fn reduce(&mut self, lists: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("reducing {} window values", lists.len());
+        self.arm_deadline();
         let result = match &self.bindings {
             Bindings::Windowed(b) => b.sluice_plugin_windowed().call_reduce(&mut self.store, lists),
             _ => return Err(self.wrong_kind(task, "reduce")),
@@ -262,6 +336,7 @@ impl PluginInstance {
     /// A windowed plugin's `inverse-reduce`, or `None` if it has none.
     pub fn inverse_reduce(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Option<Vec<Vec<u8>>>, TaskError> {
         let task = format!("inverse-reducing {} window values", pairs.len());
+        self.arm_deadline();
         let result = match &self.bindings {
             Bindings::Windowed(b) => b.sluice_plugin_windowed().call_inverse_reduce(&mut self.store, pairs),
             _ => return Err(self.wrong_kind(task, "inverse-reduce")),
@@ -275,6 +350,7 @@ impl PluginInstance {
     /// Turns one state partition's window results into records with a windowed plugin's `present`.
     pub fn present(&mut self, ctx: &BatchContext, results: &[KeyedValue]) -> Result<Vec<OutputRecord>, TaskError> {
         let task = format!("window ({}, {}] of state partition {}", ctx.from_offset, ctx.until_offset, ctx.partition);
+        self.arm_deadline();
         let result = match &self.bindings {
             Bindings::Windowed(b) => b.sluice_plugin_windowed().call_present(&mut self.store, ctx, results),
             _ => return Err(self.wrong_kind(task, "present")),
@@ -282,12 +358,45 @@ impl PluginInstance {
         self.outcome(task, result)
     }
 
-    fn outcome<T>(&self, task: String, result: wasmtime::Result<Result<T, PluginError>>) -> Result<T, TaskError> {
+    /// Starts the deadline of a call: `ticks` from now, whatever time passed since the last.
+    fn arm_deadline(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+    }
+
+    /// Classifies a call's result and logs what the plugin printed during it.
+    fn outcome<T>(&mut self, task: String, result: wasmtime::Result<Result<T, PluginError>>) -> Result<T, TaskError> {
+        self.log_output();
         let plugin = self.identity.info.name.clone();
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(TaskError::Plugin { plugin, task, message: describe_error(&error) }),
-            Err(trap) => Err(TaskError::Trap { plugin, task, message: format!("{trap:#}") }),
+        let (kind, message) = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => (FailureKind::PluginError, describe_error(&error)),
+            Err(trap) => {
+                if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                    let limit = self.deadline_ticks.saturating_sub(1) * sandbox::EPOCH_TICK.as_millis() as u64;
+                    let limit = humantime::format_duration(Duration::from_millis(limit));
+                    (FailureKind::Deadline, format!("ran past its deadline of {limit} and was stopped"))
+                } else if trap.root_cause().to_string().starts_with("forcing trap when growing") {
+                    (FailureKind::Memory, format!("exceeded its memory limit: {}", trap.root_cause()))
+                } else {
+                    (FailureKind::Trap, format!("{trap:#}"))
+                }
+            }
+        };
+        Err(TaskError { kind, plugin, task, message })
+    }
+
+    /// Logs what the plugin wrote to stdout and stderr during the last call, one line each.
+    fn log_output(&mut self) {
+        let (bytes, dropped) = self.store.data().output.take();
+        if bytes.is_empty() && dropped == 0 {
+            return;
+        }
+        let (plugin, task) = (&self.store.data().plugin, &self.store.data().task);
+        for line in String::from_utf8_lossy(&bytes).lines().filter(|line| !line.trim().is_empty()) {
+            tracing::info!(plugin, task, "output: {line}");
+        }
+        if dropped > 0 {
+            tracing::warn!(plugin, task, "dropped {dropped} more bytes of plugin output");
         }
     }
 
@@ -296,16 +405,17 @@ impl PluginInstance {
             return Ok(values);
         }
         let message = format!("answered {} values for {expected} inputs", values.len());
-        Err(TaskError::Plugin { plugin: self.identity.info.name.clone(), task, message })
+        Err(TaskError { kind: FailureKind::PluginError, plugin: self.identity.info.name.clone(), task, message })
     }
 
     /// The engine calls only what the plugin's kind offers; this guards the contract.
     fn wrong_kind(&self, task: String, function: &str) -> TaskError {
         let message = format!("has no `{function}`: it is not the kind of plugin this job runs");
-        TaskError::Plugin { plugin: self.identity.info.name.clone(), task, message }
+        TaskError { kind: FailureKind::PluginError, plugin: self.identity.info.name.clone(), task, message }
     }
 
     fn describe(&mut self) -> Result<PluginInfo> {
+        self.arm_deadline();
         let info = match &self.bindings {
             Bindings::Transform(b) => b.call_describe(&mut self.store),
             Bindings::Stateful(b) => b.call_describe(&mut self.store),
@@ -333,6 +443,8 @@ fn placeholder_info() -> PluginInfo {
 fn engine() -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    // Deadlines: compiled code checks the epoch at loop headers and function entries.
+    config.epoch_interruption(true);
     match wasmtime::Cache::from_file(None) {
         Ok(cache) => {
             config.cache(Some(cache));
@@ -364,20 +476,28 @@ fn check_is_component(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Per-instance host state: WASI with no capabilities, plus what log lines are tagged with.
+/// Per-instance host state: the sandbox's WASI context and limits, captured output, and what
+/// log lines are tagged with.
 struct InstanceState {
     wasi: WasiCtx,
     table: ResourceTable,
+    limits: StoreLimits,
+    output: CapturedOutput,
     plugin: String,
     task: String,
 }
 
 impl InstanceState {
-    fn new() -> InstanceState {
-        // No files, network or environment: a plugin's stdout and stderr go to the host's
-        // stderr (stdout belongs to the job's print sink).
-        let wasi = WasiCtxBuilder::new().stdout(wasmtime_wasi::cli::stderr()).inherit_stderr().build();
-        InstanceState { wasi, table: ResourceTable::new(), plugin: String::new(), task: String::new() }
+    fn new(sandbox: &Sandbox) -> Result<InstanceState> {
+        let output = CapturedOutput::default();
+        Ok(InstanceState {
+            wasi: sandbox.wasi(&output)?,
+            table: ResourceTable::new(),
+            limits: sandbox.limits(),
+            output,
+            plugin: String::new(),
+            task: String::new(),
+        })
     }
 }
 

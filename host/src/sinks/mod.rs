@@ -18,11 +18,16 @@ pub struct Sinks {
 }
 
 impl Sinks {
-    /// Delivers one batch's outputs and waits for every acknowledgement.
-    pub fn deliver(&mut self, batch_time: i64, outputs: &[OutputRecord]) -> Result<()> {
+    /// Delivers one batch's outputs and dead letters (to Kafka only, never printed) and waits
+    /// for every acknowledgement.
+    pub fn deliver(&mut self, batch_time: i64, outputs: &[OutputRecord], dead_letters: &[OutputRecord]) -> Result<()> {
         if let Some(print) = &mut self.print {
             print.print(batch_time, outputs)?;
         }
-        self.kafka.send_all(outputs)
+        self.kafka.send_all(outputs)?;
+        if !dead_letters.is_empty() {
+            self.kafka.send_all(dead_letters)?;
+        }
+        Ok(())
     }
 }
