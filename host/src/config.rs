@@ -513,6 +513,7 @@ fn sandbox(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Sandbox {
+        cpu: defaults.cpu,
         deadline: deadline.unwrap_or(defaults.deadline),
         max_memory: max_memory.unwrap_or(defaults.max_memory),
         max_table_elements: max_table_elements.unwrap_or(defaults.max_table_elements),

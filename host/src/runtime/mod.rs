@@ -23,7 +23,7 @@ pub use bindings::{
 };
 use bindings::{transformer, updater, windower};
 use sandbox::{CapturedOutput, EpochTicker};
-pub use sandbox::{GrantedDir, Sandbox};
+pub use sandbox::{CpuLimit, GrantedDir, Sandbox};
 
 /// What a plugin does, by the world it implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub struct PluginRuntime {
     identity: PluginIdentity,
     sandbox: Sandbox,
     /// Advances the epoch that call deadlines count in; stops when the runtime is dropped.
-    _ticker: EpochTicker,
+    _ticker: Option<EpochTicker>,
 }
 
 impl PluginRuntime {
@@ -92,7 +92,7 @@ impl PluginRuntime {
         sandbox: Sandbox,
     ) -> Result<(PluginRuntime, PluginInstance)> {
         check_is_component(bytes)?;
-        let engine = engine()?;
+        let engine = engine(sandbox.cpu)?;
         let component = Component::new(&engine, bytes).map_err(|e| wasm_error(e, "is not a valid Wasm component"))?;
 
         let mut linker = Linker::<InstanceState>::new(&engine);
@@ -111,7 +111,10 @@ impl PluginRuntime {
 
         let digest = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
         let mut runtime = PluginRuntime {
-            _ticker: EpochTicker::start(engine.clone())?,
+            _ticker: match sandbox.cpu {
+                CpuLimit::Epoch => Some(EpochTicker::start(engine.clone())?),
+                _ => None,
+            },
             pre,
             config,
             identity: PluginIdentity { info: placeholder_info(), digest },
@@ -143,7 +146,9 @@ impl PluginRuntime {
         store.data_mut().plugin = self.identity.info.name.clone();
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.sandbox.deadline_ticks());
+        // Instantiation and `init` run under the same bound as every call.
+        let deadline_ticks = self.sandbox.deadline_ticks();
+        arm(&mut store, self.sandbox.cpu, deadline_ticks);
         let instantiated = match &self.pre {
             Pre::Transform(pre) => pre.instantiate(&mut store).map(Bindings::Transform),
             Pre::Stateful(pre) => pre.instantiate(&mut store).map(Bindings::Stateful),
@@ -157,12 +162,7 @@ impl PluginRuntime {
         };
         init.map_err(|trap| anyhow!("trapped in init: {trap:#}"))?
             .map_err(|error| anyhow!("refused its configuration: {}", describe_error(&error)))?;
-        Ok(PluginInstance {
-            store,
-            bindings,
-            identity: self.identity.clone(),
-            deadline_ticks: self.sandbox.deadline_ticks(),
-        })
+        Ok(PluginInstance { store, bindings, identity: self.identity.clone(), cpu: self.sandbox.cpu, deadline_ticks })
     }
 }
 
@@ -218,6 +218,7 @@ pub struct PluginInstance {
     store: Store<InstanceState>,
     bindings: Bindings,
     identity: PluginIdentity,
+    cpu: CpuLimit,
     /// The call deadline, in epoch ticks.
     deadline_ticks: u64,
 }
@@ -358,9 +359,10 @@ impl PluginInstance {
         self.outcome(task, result)
     }
 
-    /// Starts the deadline of a call: `ticks` from now, whatever time passed since the last.
+    /// Starts the CPU bound of a call: the deadline counts from now, whatever time passed
+    /// since the last call; fuel is refilled.
     fn arm_deadline(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        arm(&mut self.store, self.cpu, self.deadline_ticks);
     }
 
     /// Classifies a call's result and logs what the plugin printed during it.
@@ -371,7 +373,9 @@ impl PluginInstance {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(error)) => (FailureKind::PluginError, describe_error(&error)),
             Err(trap) => {
-                if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) {
+                    (FailureKind::Deadline, "ran out of fuel and was stopped".to_string())
+                } else if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
                     let limit = self.deadline_ticks.saturating_sub(1) * sandbox::EPOCH_TICK.as_millis() as u64;
                     let limit = humantime::format_duration(Duration::from_millis(limit));
                     (FailureKind::Deadline, format!("ran past its deadline of {limit} and was stopped"))
@@ -427,6 +431,15 @@ impl PluginInstance {
     }
 }
 
+/// Arms a store's CPU bound for one call.
+fn arm(store: &mut Store<InstanceState>, cpu: CpuLimit, deadline_ticks: u64) {
+    match cpu {
+        CpuLimit::Epoch => store.set_epoch_deadline(deadline_ticks),
+        CpuLimit::Fuel(fuel) => store.set_fuel(fuel).expect("fuel is enabled for this engine"),
+        CpuLimit::Unbounded => {}
+    }
+}
+
 fn describe_error(error: &PluginError) -> String {
     match error {
         PluginError::InvalidConfig(message) => format!("invalid configuration: {message}"),
@@ -440,11 +453,15 @@ fn placeholder_info() -> PluginInfo {
 
 /// One engine per process would be enough, but loading happens once per job, so a local one
 /// keeps the runtime free of globals. The compilation cache makes restarts cheap.
-fn engine() -> Result<Engine> {
+fn engine(cpu: CpuLimit) -> Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true);
-    // Deadlines: compiled code checks the epoch at loop headers and function entries.
-    config.epoch_interruption(true);
+    // Compiled code checks the epoch (or fuel) at loop headers and function entries.
+    match cpu {
+        CpuLimit::Epoch => config.epoch_interruption(true),
+        CpuLimit::Fuel(_) => config.consume_fuel(true),
+        CpuLimit::Unbounded => &mut config,
+    };
     match wasmtime::Cache::from_file(None) {
         Ok(cache) => {
             config.cache(Some(cache));

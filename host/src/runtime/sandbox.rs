@@ -23,9 +23,22 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// plugin that prints without end cannot exhaust the host's memory or log.
 const OUTPUT_PER_CALL: usize = 64 * 1024;
 
+/// How a plugin call's CPU time is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuLimit {
+    /// Wall-clock deadline by epoch interruption (the default; see docs/benchmarks.md for why).
+    Epoch,
+    /// A budget of fuel (roughly, Wasm instructions) per call.
+    Fuel(u64),
+    /// No bound: only for measuring what the others cost.
+    Unbounded,
+}
+
 /// Limits and capabilities of a job's plugin instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sandbox {
+    /// How plugin calls are bounded; with `Epoch`, by `deadline`.
+    pub cpu: CpuLimit,
     /// How long one plugin call (one partition task) may run.
     pub deadline: Duration,
     /// Linear memory per instance, in bytes.
@@ -51,6 +64,7 @@ pub struct GrantedDir {
 impl Default for Sandbox {
     fn default() -> Sandbox {
         Sandbox {
+            cpu: CpuLimit::Epoch,
             deadline: Duration::from_secs(30),
             max_memory: 256 << 20,
             max_table_elements: 100_000,
