@@ -694,6 +694,48 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_and_failure_options_come_from_the_job_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "plugin = \"p.wasm\"\ntopics = [\"t\"]\ngroup = \"g\"\ntask-deadline = \"5s\"\nmax-memory = \"64MiB\"\n\
+             max-instances = 10\non-failure = \"dead-letter\"\ndead-letter-topic = \"dlq\"\ntask-retries = 0\n\
+             allow-dirs = [\"{}:/data\"]\n[allow-env]\nTZ = \"UTC\"\n",
+            dir.path().display()
+        );
+        let job = JobConfig::from_options(file(&text).unwrap()).unwrap();
+        assert_eq!(job.sandbox.deadline, Duration::from_secs(5));
+        assert_eq!(job.sandbox.max_memory, 64 << 20);
+        assert_eq!(job.sandbox.max_instances, 10);
+        assert_eq!(job.sandbox.env, [("TZ".to_string(), "UTC".to_string())]);
+        assert_eq!(job.sandbox.dirs, [GrantedDir { host: dir.path().to_path_buf(), guest: "/data".into() }]);
+        assert_eq!(
+            job.failure,
+            FailureSettings { policy: FailurePolicy::DeadLetter, retries: 0, dead_letter_topic: Some("dlq".into()) }
+        );
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").unwrap_err().to_string().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn dead_letter_policy_needs_a_topic() {
+        let options = JobOptions {
+            plugin: Some("p.wasm".into()),
+            topics: vec!["t".into()],
+            group: Some("g".into()),
+            on_failure: Some(FailurePolicy::DeadLetter),
+            ..JobOptions::default()
+        };
+        let error = JobConfig::from_options(options).unwrap_err().to_string();
+        assert_eq!(error, "--on-failure dead-letter needs --dead-letter-topic TOPIC");
+    }
+
+    #[test]
     fn windows_must_be_multiples_of_the_batch_interval() {
         let interval = Duration::from_secs(1);
         let error = WindowSpec::new(Duration::from_millis(2500), None, interval).unwrap_err().to_string();
