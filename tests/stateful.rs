@@ -137,7 +137,10 @@ fn word_counts_over_many_batches_and_a_restart_equal_an_independent_count() {
     // Another plugin cannot take over this state.
     let top3 = stateful_job(sluice_plugin_artifacts::TOP3, &broker.brokers, &topic, &group, &output, &checkpoint);
     let mut top3 = top3;
-    run_host(&mut top3, LIMIT).assert_error(&["holds state of plugin wordcount (state schema 1)", "plugin top3 0.1.0"]);
+    run_host(&mut top3, LIMIT).assert_error(&[
+        "holds state of plugin wordcount 0.1.0 (state schema 1)",
+        "plugin top3 0.1.0 is another plugin",
+    ]);
 }
 
 /// The phases a crash point can stop a batch at, in batch order.
@@ -344,4 +347,71 @@ fn top3_brands_per_category_equal_an_independent_ranking() {
         latest.insert(record.key.unwrap(), record.value.unwrap());
     }
     assert_eq!(latest, expected);
+}
+
+#[test]
+fn restarting_with_word_count_v2_migrates_state_lazily_and_counts_continue_exactly() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, PARTITIONS), (&output, PARTITIONS)]);
+    let group = unique("wordcount");
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    let mut random = Seeded(11);
+    let job = |plugin: &str| stateful_job(plugin, &broker.brokers, &topic, &group, &output, &checkpoint);
+
+    let mut produced = lines(&mut random, 120);
+    produce(&broker.brokers, &topic, &produced);
+    run_host(&mut job(sluice_plugin_artifacts::WORDCOUNT), LIMIT).assert_success();
+
+    // v2 sees only some of the words again: those keys are migrated, the others stay at v1.
+    let more: Vec<Input> =
+        (0..30).map(|n| input_line(n % PARTITIONS, &format!("w{} w{}", n % 7, 40 + n % 3))).collect();
+    produce(&broker.brokers, &topic, &more);
+    produced.extend(more);
+    let v2 = run_host(&mut job(sluice_plugin_artifacts::WORDCOUNT_V2), LIMIT);
+    v2.assert_success();
+    assert!(v2.stderr().contains("keys from state schema v1 to v2"), "{}", v2.stderr());
+
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(&checkpoint), LIMIT).stdout();
+    assert!(inspect.contains("wordcount 0.1.0 (state schema 1"), "{inspect}");
+    assert!(inspect.contains("wordcount 2.0.0 (state schema 2"), "{inspect}");
+    let expected = count(&produced);
+    let touched_by_v2 = (0..7).map(|n| format!("w{n}")).chain((40..43).map(|n| format!("w{n}"))).count();
+    let untouched = expected.len() - touched_by_v2;
+    assert!(inspect.contains(&format!("{untouched} keys at v1, {touched_by_v2} keys at v2")), "{inspect}");
+
+    // Every key's count is exact, whichever encoding it is in now.
+    let run = run_host(host().args(["checkpoint", "dump"]).arg(&checkpoint), LIMIT);
+    let state: BTreeMap<String, u64> = run
+        .stdout()
+        .lines()
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            let state = entry["state"].as_str().unwrap();
+            let count = match serde_json::from_str::<serde_json::Value>(state) {
+                Ok(serde_json::Value::Object(tally)) => tally["count"].as_u64().unwrap(),
+                _ => state.parse().unwrap(),
+            };
+            (entry["key"].as_str().unwrap().to_string(), count)
+        })
+        .collect();
+    assert_eq!(state, expected);
+    // The words v2 saw got their latest totals from v2, marked as such and exact.
+    let mut records = consume(&broker.brokers, &output);
+    records.sort_by_key(|record| (record.partition, record.offset));
+    let mut latest = BTreeMap::new();
+    for record in records {
+        latest.insert(record.key.unwrap(), record.value.unwrap());
+    }
+    for word in (0..7).map(|n| format!("w{n}")).chain((40..43).map(|n| format!("w{n}"))) {
+        assert_eq!(latest[&word], format!("({word},{},v2)", expected[&word]));
+    }
+
+    // Going back to v1 would misread v2's encoding.
+    run_host(&mut job(sluice_plugin_artifacts::WORDCOUNT), LIMIT)
+        .assert_error(&["holds state of plugin wordcount 2.0.0 (state schema 2)", "has the older state schema 1"]);
+}
+
+fn input_line(partition: i32, value: &str) -> Input {
+    Input { partition, key: None, value: value.to_string() }
 }

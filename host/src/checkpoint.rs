@@ -39,8 +39,8 @@ const FORMAT: &str = "sluice-checkpoint/1";
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (topic, partition) → the offset the next batch starts at.
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
-/// key → (batch time of the key's last update, state bytes).
-const STATE: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("state");
+/// key → (batch time of the key's last update, state schema version, state bytes).
+const STATE: TableDefinition<&[u8], (i64, u32, &[u8])> = TableDefinition::new("state");
 /// (batch time of last update, key) → (): finds idle keys without reading the whole state.
 const TOUCHED: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("state-touched");
 /// (key, batch time) → the key's values of that batch, reduced: one window pane.
@@ -110,6 +110,8 @@ pub struct Resume {
 pub struct StoredState {
     /// Batch time of the key's last update.
     pub touched: i64,
+    /// The plugin's state schema version the bytes are encoded in.
+    pub schema: u32,
     pub bytes: Vec<u8>,
 }
 
@@ -134,6 +136,15 @@ pub struct BatchChanges {
     pub window_results: Vec<(Vec<u8>, Vec<u8>)>,
     /// Keys whose kept window result is dropped.
     pub dropped_windows: Vec<Vec<u8>>,
+}
+
+/// What `host checkpoint inspect` reports about the state.
+#[derive(Debug, Clone, Default)]
+pub struct StateStats {
+    pub partitions: Vec<PartitionStats>,
+    /// Keys of keyed state per state schema version (not yet migrated keys keep theirs).
+    pub schemas: BTreeMap<u32, u64>,
+    pub samples: Vec<KeyState>,
 }
 
 /// Counts of one state partition, for `host checkpoint inspect`.
@@ -220,8 +231,8 @@ impl Checkpoint {
         keys.iter()
             .map(|key| {
                 Ok(table.get(*key)?.map(|guard| {
-                    let (touched, bytes) = guard.value();
-                    StoredState { touched, bytes: bytes.to_vec() }
+                    let (touched, schema, bytes) = guard.value();
+                    StoredState { touched, schema, bytes: bytes.to_vec() }
                 }))
             })
             .collect()
@@ -238,8 +249,8 @@ impl Checkpoint {
             let (entry, _) = entry?;
             let (_, key) = entry.value();
             if let Some(guard) = state.get(key)? {
-                let (touched, bytes) = guard.value();
-                idle.push((key.to_vec(), StoredState { touched, bytes: bytes.to_vec() }));
+                let (touched, schema, bytes) = guard.value();
+                idle.push((key.to_vec(), StoredState { touched, schema, bytes: bytes.to_vec() }));
             }
         }
         Ok(idle)
@@ -292,7 +303,8 @@ impl Checkpoint {
                         if let Some(previous) = previous_touched {
                             touched.remove((*previous, key.as_slice()))?;
                         }
-                        state.insert(key.as_slice(), (batch_time, bytes.as_slice()))?;
+                        state
+                            .insert(key.as_slice(), (batch_time, plugin.info.state_schema_version, bytes.as_slice()))?;
                         touched.insert((batch_time, key.as_slice()), ())?;
                     }
                     StateWrite::Remove { key, previous_touched } => {
@@ -411,16 +423,18 @@ impl CheckpointView {
         read_state_partitions(&self.begin_read()?)
     }
 
-    /// Key count and bytes per state partition (state and panes together), plus the first
-    /// `samples` keys with their state.
-    pub fn state_stats(&self, samples: usize) -> Result<(Vec<PartitionStats>, Vec<KeyState>)> {
+    /// Key count and bytes per state partition (state and panes together), keyed-state counts
+    /// per state schema version, and the first `samples` keys with their state.
+    pub fn state_stats(&self, samples: usize) -> Result<StateStats> {
         let txn = self.begin_read()?;
         let partitions = read_state_partitions(&txn)?;
         let mut stats = vec![PartitionStats::default(); partitions as usize];
+        let mut schemas = BTreeMap::new();
         let mut sample = Vec::new();
         for entry in txn.open_table(STATE)?.iter()? {
             let (key, value) = entry?;
-            let (key, (_, bytes)) = (key.value(), value.value());
+            let (key, (_, schema, bytes)) = (key.value(), value.value());
+            *schemas.entry(schema).or_insert(0) += 1;
             let partition = &mut stats[state_partition(key, partitions) as usize];
             partition.keys += 1;
             partition.bytes += (key.len() + bytes.len()) as u64;
@@ -442,7 +456,7 @@ impl CheckpointView {
             }
             partition.bytes += (key.len() + 8 + bytes.len()) as u64;
         }
-        Ok((stats, sample))
+        Ok(StateStats { partitions: stats, schemas, samples: sample })
     }
 
     /// Every key's state, in key order (for tests and debugging).
@@ -451,7 +465,7 @@ impl CheckpointView {
         let mut state = BTreeMap::new();
         for entry in txn.open_table(STATE)?.iter()? {
             let (key, value) = entry?;
-            state.insert(key.value().to_vec(), value.value().1.to_vec());
+            state.insert(key.value().to_vec(), value.value().2.to_vec());
         }
         Ok(state)
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::checkpoint::CheckpointView;
+use crate::checkpoint::{CheckpointView, StateStats};
 use crate::source::describe_ranges;
 
 /// How many keys `inspect` shows as samples.
@@ -43,12 +43,16 @@ pub fn inspect(dir: &Path) -> Result<String> {
     for run in view.plugin_runs()? {
         writeln!(text, "  {run}")?;
     }
-    let (partitions, samples) = view.state_stats(SAMPLE_KEYS)?;
+    let StateStats { partitions, schemas, samples } = view.state_stats(SAMPLE_KEYS)?;
     let keys: u64 = partitions.iter().map(|p| p.keys).sum();
     let bytes: u64 = partitions.iter().map(|p| p.bytes).sum();
     writeln!(text, "state: {keys} keys, {bytes} bytes in {} state partitions", partitions.len())?;
     for (index, partition) in partitions.iter().enumerate() {
         writeln!(text, "  partition {index}: {} keys, {} bytes", partition.keys, partition.bytes)?;
+    }
+    if !schemas.is_empty() {
+        let versions: Vec<String> = schemas.iter().map(|(schema, keys)| format!("{keys} keys at v{schema}")).collect();
+        writeln!(text, "state schema versions: {}", versions.join(", "))?;
     }
     if !samples.is_empty() {
         writeln!(text, "sample keys:")?;

@@ -283,7 +283,7 @@ pub mod __private {
     use crate::PluginError;
     use std::cell::RefCell;
 
-    pub use crate::stateful::glue::{process_keyed, update_groups};
+    pub use crate::stateful::glue::{migrate_states, process_keyed, update_groups};
     pub use crate::windowed::glue::{inverse_reduce_pairs, present_results, process_windowed, reduce_lists};
 
     /// Holds the plugin instance between calls. Components are single-threaded, so a
@@ -327,8 +327,11 @@ pub mod __private {
     #[doc(hidden)]
     macro_rules! __describe {
         ($schema:expr) => {
+            $crate::__describe!(env!("CARGO_PKG_NAME"), $schema)
+        };
+        ($name:expr, $schema:expr) => {
             $crate::PluginInfo {
-                name: ::std::string::String::from(env!("CARGO_PKG_NAME")),
+                name: ::std::string::String::from($name),
                 version: ::std::string::String::from(env!("CARGO_PKG_VERSION")),
                 state_schema_version: $schema,
             }

@@ -134,6 +134,14 @@ pub trait Stateful: Sized + 'static {
     fn timeout(&mut self, key: &Self::Key, state: Self::State, out: &mut crate::Outputs) {
         let _ = (key, state, out);
     }
+
+    /// Decodes state written by an older state schema version of this plugin (see
+    /// [`export_stateful!`]'s `state_schema_version`), for a plugin that changed its encoding.
+    /// The default migrates nothing: an old state is an error naming its version.
+    fn migrate(from_version: u32, bytes: &[u8]) -> Result<Self::State, String> {
+        let _ = bytes;
+        Err(format!("this plugin cannot migrate state from schema version {from_version}"))
+    }
 }
 
 /// Where [`Stateful::process`] puts keyed values and direct outputs.
@@ -237,6 +245,21 @@ pub(crate) mod glue {
         Ok(updates)
     }
 
+    /// `migrate` for a list of states of one old schema version.
+    pub fn migrate_states<T: Stateful>(from_version: u32, states: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, PluginError> {
+        states
+            .iter()
+            .map(|bytes| {
+                T::migrate(from_version, bytes).map(|state| state.encode()).map_err(|error| {
+                    PluginError::failed(format!(
+                        "cannot migrate state {:?} from schema version {from_version}: {error}",
+                        String::from_utf8_lossy(bytes)
+                    ))
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn undecodable(what: &str, key: &[u8], error: &str) -> PluginError {
         PluginError::failed(format!("cannot decode the {what} of key {:?}: {error}", String::from_utf8_lossy(key)))
     }
@@ -247,9 +270,12 @@ pub(crate) mod glue {
 #[macro_export]
 macro_rules! export_stateful {
     ($plugin:ty) => {
-        $crate::export_stateful!($plugin, state_schema_version = 1);
+        $crate::export_stateful!($plugin, name = env!("CARGO_PKG_NAME"), state_schema_version = 1);
     };
     ($plugin:ty, state_schema_version = $schema:expr) => {
+        $crate::export_stateful!($plugin, name = env!("CARGO_PKG_NAME"), state_schema_version = $schema);
+    };
+    ($plugin:ty, name = $name:expr, state_schema_version = $schema:expr) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct SluiceExport;
@@ -266,11 +292,18 @@ macro_rules! export_stateful {
                 }
 
                 fn describe() -> $crate::PluginInfo {
-                    $crate::__describe!($schema)
+                    $crate::__describe!($name, $schema)
                 }
             }
 
             impl $crate::wit::updater::exports::sluice::plugin::stateful::Guest for SluiceExport {
+                fn migrate(
+                    from_version: u32,
+                    states: ::std::vec::Vec<::std::vec::Vec<u8>>,
+                ) -> ::std::result::Result<::std::vec::Vec<::std::vec::Vec<u8>>, $crate::PluginError> {
+                    $crate::__private::migrate_states::<$plugin>(from_version, states)
+                }
+
                 fn process(
                     ctx: $crate::BatchContext,
                     records: ::std::vec::Vec<$crate::Record>,

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 pub use rate::RateController;
 pub use shutdown::Shutdown;
 
-use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, Resume};
+use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, PluginRun, Resume};
 use crate::config::JobConfig;
 use crate::failpoint;
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
@@ -448,6 +448,35 @@ fn check_job_fits_plugin(job: &JobConfig, plugin: &PluginRuntime) -> Result<()> 
     }
 }
 
+/// Refuses a plugin that cannot continue the state `last` left: another plugin (by name), a
+/// windowed plugin with another pane encoding, or an older state schema than the state's.
+/// A stateful plugin with a newer schema migrates keys as batches touch them.
+fn check_can_continue(last: &PluginRun, plugin: &PluginRuntime, path: &std::path::Path) -> Result<()> {
+    let info = &plugin.identity().info;
+    let holds = format!(
+        "checkpoint {} holds state of plugin {} {} (state schema {})",
+        path.display(),
+        last.name,
+        last.version,
+        last.state_schema_version
+    );
+    if last.name != info.name {
+        bail!("{holds}; plugin {} {} is another plugin and cannot take it over", info.name, info.version);
+    }
+    if info.state_schema_version < last.state_schema_version {
+        bail!(
+            "{holds}; plugin {} {} has the older state schema {} and cannot read it",
+            info.name,
+            info.version,
+            info.state_schema_version
+        );
+    }
+    if info.state_schema_version != last.state_schema_version && plugin.kind() == PluginKind::Windowed {
+        bail!("{holds}; windowed plugins cannot migrate their panes to state schema {}", info.state_schema_version);
+    }
+    Ok(())
+}
+
 /// Opens the job's checkpoint and checks that this plugin can continue its state. Returns it
 /// with the offsets each partition continues from.
 fn open_checkpoint(
@@ -459,18 +488,8 @@ fn open_checkpoint(
     let store = Checkpoint::open(dir, job.parallelism as u32)?;
     let Resume { offsets, last_batch, pending, last_plugin, has_state } = store.resume()?;
     let info = &plugin.identity().info;
-    if let Some(last) = last_plugin.filter(|_| has_state)
-        && (last.name != info.name || last.state_schema_version != info.state_schema_version)
-    {
-        bail!(
-            "checkpoint {} holds state of plugin {} (state schema {}); plugin {} {} has state schema {} and cannot read it",
-            store.path().display(),
-            last.name,
-            last.state_schema_version,
-            info.name,
-            info.version,
-            info.state_schema_version
-        );
+    if let Some(last) = last_plugin.filter(|_| has_state) {
+        check_can_continue(&last, plugin, store.path())?;
     }
     // An explicit --start is a decision to re-read: the interrupted batch's plan no longer applies.
     let overridden =

@@ -5,11 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::parallel::run_parallel;
 use super::shuffle::shuffle;
-use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, state_partition};
+use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, StoredState, state_partition};
 use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, StateChange};
 
 /// What the stateful step needs besides the batch's values.
@@ -30,6 +30,36 @@ struct StateTask {
 }
 
 impl StateStep<'_> {
+    /// Migrates the states in `prior` written under an older state schema version to the
+    /// plugin's, with one `migrate` call per old version: lazily, as keys are touched.
+    fn migrate(
+        &self,
+        instances: &mut [PluginInstance],
+        prior: &mut BTreeMap<Vec<u8>, Option<StoredState>>,
+    ) -> Result<()> {
+        let current = self.runtime.identity().info.state_schema_version;
+        let mut outdated: BTreeMap<u32, Vec<&mut StoredState>> = BTreeMap::new();
+        for stored in prior.values_mut().flatten().filter(|stored| stored.schema != current) {
+            outdated.entry(stored.schema).or_default().push(stored);
+        }
+        for (from, states) in outdated {
+            let bytes: Vec<Vec<u8>> = states.iter().map(|stored| stored.bytes.clone()).collect();
+            let migrated = instances[0].migrate(from, &bytes).with_context(|| {
+                format!(
+                    "batch {} ms: cannot migrate {} keys from state schema v{from} to v{current}",
+                    self.batch_time,
+                    bytes.len()
+                )
+            })?;
+            tracing::info!("migrated {} keys from state schema v{from} to v{current}", migrated.len());
+            for (stored, bytes) in states.into_iter().zip(migrated) {
+                stored.bytes = bytes;
+                stored.schema = current;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `update` over `values` (each partition task's keyed values, in task order), adds
     /// the state writes to `changes` and returns the outputs, in state partition order.
     pub fn run(
@@ -52,6 +82,7 @@ impl StateStep<'_> {
                 }
             }
         }
+        self.migrate(instances, &mut prior)?;
 
         let mut tasks = Vec::new();
         for (partition, (groups, idle)) in shuffled.into_iter().zip(timing_out).enumerate() {

@@ -322,6 +322,18 @@ impl PluginInstance {
         Ok(updates)
     }
 
+    /// Re-encodes states of schema `from_version` with a stateful plugin's `migrate`.
+    pub fn migrate(&mut self, from_version: u32, states: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, TaskError> {
+        let task = format!("migrating {} states from schema version {from_version}", states.len());
+        self.arm_deadline();
+        let result = match &self.bindings {
+            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_migrate(&mut self.store, from_version, states),
+            _ => return Err(self.wrong_kind(task, "migrate")),
+        };
+        let migrated = self.outcome(task.clone(), result)?;
+        self.check_count(task, migrated, states.len())
+    }
+
     /// Folds each list of values into one with a windowed plugin's `reduce`.
     pub fn reduce(&mut self, lists: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("reducing {} window values", lists.len());
