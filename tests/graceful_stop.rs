@@ -1,12 +1,10 @@
 //! Stopping a running job with signals, `host` as a process: the first SIGTERM finishes the
 //! batch in flight and commits it; a second exits at once, and the next run replays the batch.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{self, BrokerProcess, run_host};
+use crate::harness::{self, BrokerProcess, Running, run_host};
 
 const RECORDS: usize = 400;
 
@@ -60,65 +58,6 @@ impl Job {
         let mut command = self.command();
         command.arg("--stop-when-caught-up");
         run_host(&mut command, Duration::from_secs(120)).assert_success();
-    }
-}
-
-/// A running `host` whose stderr lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(mut command: Command) -> Running {
-        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines, seen: Vec::new() }
-    }
-
-    /// Waits for a log line containing `text`.
-    fn wait_for(&mut self, text: &str) {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no log line with {text:?}; saw:\n{}", self.seen.join("\n")));
-            self.seen.push(line.clone());
-            if line.contains(text) {
-                return;
-            }
-        }
-    }
-
-    fn signal(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-    }
-
-    fn exit_code(mut self) -> Option<i32> {
-        let (done, finished) = mpsc::channel();
-        let mut child = self.child;
-        let waiter = std::thread::spawn(move || {
-            let status = child.wait().unwrap();
-            let _ = done.send(());
-            status
-        });
-        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
-            panic!("host did not exit after the signal");
-        }
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        waiter.join().unwrap().code()
     }
 }
 

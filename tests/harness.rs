@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -49,6 +50,65 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A running `host` whose stderr lines arrive on a channel.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    pub fn start(mut command: Command) -> Running {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a log line containing `text`.
+    pub fn wait_for(&mut self, text: &str) {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no log line with {text:?}; saw:\n{}", self.seen.join("\n")));
+            self.seen.push(line.clone());
+            if line.contains(text) {
+                return;
+            }
+        }
+    }
+
+    pub fn signal(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn exit_code(mut self) -> Option<i32> {
+        let (done, finished) = mpsc::channel();
+        let mut child = self.child;
+        let waiter = std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            let _ = done.send(());
+            status
+        });
+        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+            panic!("host did not exit after the signal");
+        }
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        waiter.join().unwrap().code()
     }
 }
 
@@ -152,6 +212,7 @@ fn kafka_check<T: for<'de> Deserialize<'de>>(args: &[&str], stdin: &str) -> T {
 }
 
 /// One record to produce.
+#[derive(Debug, Clone)]
 pub struct Input {
     pub partition: i32,
     pub key: Option<String>,

@@ -23,5 +23,7 @@ mod graceful_stop;
 mod sandbox;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
+/// Hot upgrades through the admin endpoint: switch, rollback, refusals.
+mod upgrade;
 /// Windows and state timeouts against brute-force computations, across a restart.
 mod windows;

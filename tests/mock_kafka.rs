@@ -164,6 +164,7 @@ impl MockKafka {
             window: None,
             sandbox: Default::default(),
             failure: Default::default(),
+            admin_address: sluice_host::config::DEFAULT_ADMIN_ADDRESS,
         }
     }
 }

@@ -13,10 +13,10 @@ const PARTITIONS: i32 = 3;
 
 /// A small deterministic generator, so every run of the suite sees the same "random" input
 /// and crash schedule, and a failure can be replayed.
-struct Seeded(u64);
+pub struct Seeded(pub u64);
 
 impl Seeded {
-    fn next(&mut self, below: u64) -> u64 {
+    pub fn next(&mut self, below: u64) -> u64 {
         // Knuth's MMIX LCG; the high bits are the good ones.
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) % below
@@ -24,7 +24,7 @@ impl Seeded {
 }
 
 /// `count` lines of 1..=4 words from a 40-word vocabulary, spread over the partitions.
-fn lines(random: &mut Seeded, count: usize) -> Vec<Input> {
+pub fn lines(random: &mut Seeded, count: usize) -> Vec<Input> {
     (0..count)
         .map(|_| {
             let words = 1 + random.next(4);
@@ -35,7 +35,7 @@ fn lines(random: &mut Seeded, count: usize) -> Vec<Input> {
 }
 
 /// The word counts of `inputs`, computed here without the plugin.
-fn count(inputs: &[Input]) -> BTreeMap<String, u64> {
+pub fn count(inputs: &[Input]) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
     for word in inputs.iter().flat_map(|input| input.value.split_whitespace()) {
         *counts.entry(word.to_string()).or_insert(0) += 1;
@@ -381,20 +381,7 @@ fn restarting_with_word_count_v2_migrates_state_lazily_and_counts_continue_exact
     assert!(inspect.contains(&format!("{untouched} keys at v1, {touched_by_v2} keys at v2")), "{inspect}");
 
     // Every key's count is exact, whichever encoding it is in now.
-    let run = run_host(host().args(["checkpoint", "dump"]).arg(&checkpoint), LIMIT);
-    let state: BTreeMap<String, u64> = run
-        .stdout()
-        .lines()
-        .map(|line| {
-            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
-            let state = entry["state"].as_str().unwrap();
-            let count = match serde_json::from_str::<serde_json::Value>(state) {
-                Ok(serde_json::Value::Object(tally)) => tally["count"].as_u64().unwrap(),
-                _ => state.parse().unwrap(),
-            };
-            (entry["key"].as_str().unwrap().to_string(), count)
-        })
-        .collect();
+    let state = word_counts(&checkpoint);
     assert_eq!(state, expected);
     // The words v2 saw got their latest totals from v2, marked as such and exact.
     let mut records = consume(&broker.brokers, &output);
@@ -410,6 +397,25 @@ fn restarting_with_word_count_v2_migrates_state_lazily_and_counts_continue_exact
     // Going back to v1 would misread v2's encoding.
     run_host(&mut job(sluice_plugin_artifacts::WORDCOUNT), LIMIT)
         .assert_error(&["holds state of plugin wordcount 2.0.0 (state schema 2)", "has the older state schema 1"]);
+}
+
+/// The word counts in a checkpoint, whether a key is still in v1's encoding (decimal text) or
+/// already in v2's (`{"count": n}`).
+pub fn word_counts(checkpoint: &Path) -> BTreeMap<String, u64> {
+    let run = run_host(host().args(["checkpoint", "dump"]).arg(checkpoint), LIMIT);
+    run.assert_success();
+    run.stdout()
+        .lines()
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            let state = entry["state"].as_str().unwrap();
+            let count = match serde_json::from_str::<serde_json::Value>(state) {
+                Ok(serde_json::Value::Object(tally)) => tally["count"].as_u64().unwrap(),
+                _ => state.parse().unwrap(),
+            };
+            (entry["key"].as_str().unwrap().to_string(), count)
+        })
+        .collect()
 }
 
 fn input_line(partition: i32, value: &str) -> Input {

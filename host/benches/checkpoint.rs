@@ -122,7 +122,7 @@ fn measure(keys: usize, plugin: &PluginIdentity) -> (Duration, Duration, Duratio
 
 fn commit(checkpoint: &Checkpoint, batch_time: i64, changes: BatchChanges, plugin: &PluginIdentity) {
     let ranges = [OffsetRange { partition: TopicPartition::new("in", 0), from: batch_time, until: batch_time + 1 }];
-    checkpoint.commit(batch_time, &ranges, &changes, plugin).expect("commit");
+    checkpoint.commit(batch_time, &ranges, &changes, plugin, &[]).expect("commit");
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -72,9 +72,28 @@ pub struct PluginRun {
     pub state_schema_version: u32,
     /// SHA-256 of the component file.
     pub digest: String,
+    /// The plugin configuration the batches ran with.
+    #[serde(default)]
+    pub config: Vec<(String, String)>,
     pub first_batch: i64,
     pub last_batch: i64,
     pub batches: u64,
+}
+
+impl PluginRun {
+    /// A run of `plugin` with `config` starting (and so far ending) at `batch`.
+    pub fn of(plugin: &PluginIdentity, config: &[(String, String)], batch: i64) -> PluginRun {
+        PluginRun {
+            name: plugin.info.name.clone(),
+            version: plugin.info.version.clone(),
+            state_schema_version: plugin.info.state_schema_version,
+            digest: plugin.digest.clone(),
+            config: config.to_vec(),
+            first_batch: batch,
+            last_batch: batch,
+            batches: 1,
+        }
+    }
 }
 
 impl fmt::Display for PluginRun {
@@ -89,7 +108,12 @@ impl fmt::Display for PluginRun {
             self.batches,
             self.first_batch,
             self.last_batch
-        )
+        )?;
+        if !self.config.is_empty() {
+            let config: Vec<String> = self.config.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            write!(f, ", config {}", config.join(" "))?;
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +280,18 @@ impl Checkpoint {
         Ok(idle)
     }
 
+    /// Up to `count` keys' states, the first in key order (for an upgrade's dry run).
+    pub fn sample_state(&self, count: usize) -> Result<Vec<(Vec<u8>, StoredState)>> {
+        let txn = self.db.begin_read()?;
+        let mut sample = Vec::new();
+        for entry in txn.open_table(STATE)?.iter()?.take(count) {
+            let (key, value) = entry?;
+            let (touched, schema, bytes) = value.value();
+            sample.push((key.value().to_vec(), StoredState { touched, schema, bytes: bytes.to_vec() }));
+        }
+        Ok(sample)
+    }
+
     /// Every stored window pane, by key, in pane time order.
     pub fn panes(&self) -> Result<BTreeMap<Vec<u8>, Panes>> {
         let txn = self.db.begin_read()?;
@@ -288,6 +324,7 @@ impl Checkpoint {
         ranges: &[OffsetRange],
         changes: &BatchChanges,
         plugin: &PluginIdentity,
+        config: &[(String, String)],
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
@@ -334,20 +371,12 @@ impl Checkpoint {
                 None => None,
             };
             let run = match last {
-                Some(mut run) if run.digest == plugin.digest => {
+                Some(mut run) if run.digest == plugin.digest && run.config == config => {
                     run.last_batch = batch_time;
                     run.batches += 1;
                     run
                 }
-                _ => PluginRun {
-                    name: plugin.info.name.clone(),
-                    version: plugin.info.version.clone(),
-                    state_schema_version: plugin.info.state_schema_version,
-                    digest: plugin.digest.clone(),
-                    first_batch: batch_time,
-                    last_batch: batch_time,
-                    batches: 1,
-                },
+                _ => PluginRun::of(plugin, config, batch_time),
             };
             plugins.insert(run.first_batch, serde_json::to_string(&run)?.as_str())?;
 

@@ -26,6 +26,29 @@ pub enum Command {
     /// Look into a job's checkpoint (`--checkpoint DIR`) without running the job.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Swap a running job's plugin for a new build at the next batch boundary, keeping offsets
+    /// and state; rolled back if the new build fails its first batches.
+    Upgrade(UpgradeArgs),
+    /// Show a running job's plugin, last batch and lag.
+    Status {
+        /// The running job's checkpoint directory (its admin endpoint and token are there).
+        #[arg(long, env = "SLUICE_CHECKPOINT", value_name = "DIR")]
+        checkpoint: PathBuf,
+    },
+}
+
+/// Options of `host upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The new plugin build (a Wasm component).
+    #[arg(long, value_name = "PATH")]
+    pub plugin: PathBuf,
+    /// The running job's checkpoint directory (its admin endpoint and token are there).
+    #[arg(long, env = "SLUICE_CHECKPOINT", value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Switch even to a plugin with another name (its state checks are skipped too).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `host checkpoint ...`

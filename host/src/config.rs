@@ -23,6 +23,9 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// The lowest rate backpressure chooses when no `--backpressure-min-rate` is given (Spark's).
 pub const DEFAULT_BACKPRESSURE_MIN_RATE: f64 = 100.0;
+/// Where the admin endpoint listens when no `--admin-address` is given: any free loopback port.
+pub const DEFAULT_ADMIN_ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0));
 /// Retries of a failed partition task when no `--task-retries` is given.
 pub const DEFAULT_TASK_RETRIES: u32 = 2;
 /// How long unreachable brokers are retried when no `--broker-timeout` is given.
@@ -199,6 +202,11 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
     pub dead_letter_topic: Option<String>,
 
+    /// Where the admin endpoint (status, hot upgrades) of a job with --checkpoint listens
+    /// [default: 127.0.0.1:0, a free loopback port; the address and token go to DIR/admin.json].
+    #[arg(long, env = "SLUICE_ADMIN_ADDRESS", value_name = "HOST:PORT")]
+    pub admin_address: Option<std::net::SocketAddr>,
+
     /// Grant the plugin one environment variable, as NAME=VALUE (repeatable). Plugins see no
     /// environment otherwise.
     #[arg(long = "allow-env", value_name = "NAME=VALUE", value_parser = parse_key_value)]
@@ -268,6 +276,7 @@ impl JobOptions {
             max_memory: self.max_memory.or(file.max_memory),
             max_table_elements: self.max_table_elements.or(file.max_table_elements),
             max_instances: self.max_instances.or(file.max_instances),
+            admin_address: self.admin_address.or(file.admin_address),
             on_failure: self.on_failure.or(file.on_failure),
             task_retries: self.task_retries.or(file.task_retries),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
@@ -311,6 +320,7 @@ pub struct JobConfig {
     pub window: Option<WindowSpec>,
     pub sandbox: Sandbox,
     pub failure: FailureSettings,
+    pub admin_address: std::net::SocketAddr,
 }
 
 /// What happens to a partition task that fails.
@@ -460,6 +470,7 @@ impl JobConfig {
                 options.allow_env,
                 &options.allow_dirs,
             )?,
+            admin_address: options.admin_address.unwrap_or(DEFAULT_ADMIN_ADDRESS),
             failure: FailureSettings {
                 policy: match (options.on_failure.unwrap_or_default(), &options.dead_letter_topic) {
                     (FailurePolicy::DeadLetter, None) => {

@@ -74,6 +74,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         window: None,
         sandbox: Default::default(),
         failure: Default::default(),
+        admin_address: crate::config::DEFAULT_ADMIN_ADDRESS,
     };
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine

@@ -5,6 +5,7 @@
 //! bounded pool ([`engine`]), delivers the outputs ([`sinks`]) and only then commits the
 //! offsets. [`config`] holds the job's options; [`cli`] the `host` command line.
 
+pub mod admin;
 pub mod broker;
 pub mod checkpoint;
 pub mod cli;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser as _;
 use sluice_host::broker::DevBroker;
-use sluice_host::cli::{CheckpointCommand, Cli, Command, DevBrokerArgs, RunArgs};
+use sluice_host::cli::{CheckpointCommand, Cli, Command, DevBrokerArgs, RunArgs, UpgradeArgs};
 use sluice_host::config::{JobConfig, JobOptions};
 use sluice_host::engine::{Engine, Shutdown};
 use tracing_subscriber::EnvFilter;
@@ -41,6 +41,13 @@ fn try_main() -> Result<()> {
                 print!("{}", sluice_host::inspect::inspect(&dir)?);
                 Ok(())
             }
+            Command::Upgrade(args) => upgrade(args),
+            Command::Status { checkpoint } => {
+                let (code, body) = sluice_host::admin::request(&checkpoint, "GET", "/status", None)?;
+                sluice_host::admin::check_ok(code, &body)?;
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                Ok(())
+            }
             Command::Checkpoint(CheckpointCommand::Dump { dir }) => {
                 print!("{}", sluice_host::inspect::dump(&dir)?);
                 Ok(())
@@ -58,6 +65,31 @@ async fn run(args: RunArgs) -> Result<()> {
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     engine.run(Shutdown::on_signals()).await?;
     Ok(())
+}
+
+/// Asks the running job to upgrade and prints the outcome; fails unless it upgraded.
+fn upgrade(args: UpgradeArgs) -> Result<()> {
+    let plugin = std::fs::canonicalize(&args.plugin)
+        .map_err(|error| anyhow::anyhow!("cannot read plugin {}: {error}", args.plugin.display()))?;
+    let body = serde_json::json!({ "plugin": plugin, "force": args.force });
+    let (code, answer) =
+        tokio::task::block_in_place(|| sluice_host::admin::request(&args.checkpoint, "POST", "/upgrade", Some(&body)))?;
+    sluice_host::admin::check_ok(code, &answer)?;
+    let text = |key: &str| answer[key].as_str().unwrap_or("?").to_string();
+    match answer["outcome"].as_str() {
+        Some("upgraded") => {
+            println!("upgraded from {} to {} at batch {} ms", text("from"), text("to"), answer["first_batch"]);
+            Ok(())
+        }
+        Some("rolled-back") => anyhow::bail!(
+            "rolled back from {} to {} at batch {} ms: {}",
+            text("to"),
+            text("from"),
+            answer["batch"],
+            text("reason")
+        ),
+        _ => anyhow::bail!("upgrade refused: {}", text("reason")),
+    }
 }
 
 async fn dev_broker(args: DevBrokerArgs) -> Result<()> {

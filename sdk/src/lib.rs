@@ -232,11 +232,15 @@ impl<E: std::error::Error> From<E> for Reject {
 ///
 /// Use it once, at the crate root of the plugin. Built for `wasm32`, it generates the
 /// component exports (`init`, `describe`, `process`), reporting the crate's package name and
-/// version from `describe`. Built natively, it only checks that the type implements
+/// version from `describe` (`export_transform!(T, name = "etl")` reports another name, for a
+/// new build of an existing plugin). Built natively, it only checks that the type implements
 /// [`Transform`], so the same crate runs its unit tests with plain `cargo test`.
 #[macro_export]
 macro_rules! export_transform {
     ($plugin:ty) => {
+        $crate::export_transform!($plugin, name = env!("CARGO_PKG_NAME"));
+    };
+    ($plugin:ty, name = $name:expr) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct SluiceExport;
@@ -253,7 +257,7 @@ macro_rules! export_transform {
                 }
 
                 fn describe() -> $crate::PluginInfo {
-                    $crate::__describe!(0)
+                    $crate::__describe!($name, 0)
                 }
             }
 

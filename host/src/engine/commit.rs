@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 
 use crate::checkpoint::{BatchChanges, Checkpoint};
 use crate::failpoint;
-use crate::runtime::PluginIdentity;
+use crate::runtime::PluginRuntime;
 use crate::source::{KafkaSource, OffsetRange};
 
 /// Marks the batch at `batch_time` covering `ranges` as done. A checkpoint failure is the
@@ -18,13 +18,13 @@ use crate::source::{KafkaSource, OffsetRange};
 pub fn commit_batch(
     checkpoint: Option<&Checkpoint>,
     source: &KafkaSource,
-    plugin: &PluginIdentity,
+    plugin: &PluginRuntime,
     batch_time: i64,
     ranges: &[OffsetRange],
     changes: &BatchChanges,
 ) -> Result<Result<()>> {
     if let Some(checkpoint) = checkpoint {
-        checkpoint.commit(batch_time, ranges, changes, plugin)?;
+        checkpoint.commit(batch_time, ranges, changes, plugin.identity(), plugin.config())?;
         failpoint::reached("commit");
     }
     Ok(source.commit(ranges).with_context(|| format!("batch {batch_time} ms")))

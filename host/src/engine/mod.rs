@@ -10,20 +10,27 @@ mod schedule;
 mod shuffle;
 mod shutdown;
 mod state;
+mod upgrade;
 mod window;
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 
 pub use rate::RateController;
 pub use shutdown::Shutdown;
+pub use upgrade::{PROBATION_BATCHES, UpgradeOutcome, UpgradeRequest};
 
+use crate::admin::AdminServer;
 use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, PluginRun, Resume};
-use crate::config::JobConfig;
+use crate::config::{FailurePolicy, JobConfig};
 use crate::failpoint;
-use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
+use crate::runtime::{
+    BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginInstance, PluginKind, PluginRuntime,
+};
 use crate::sinks::{KafkaSink, PrintSink, Sinks};
 use crate::source::{KafkaSource, OffsetRange, TopicPartition, describe_ranges};
 use failure::FailureHandling;
@@ -40,11 +47,49 @@ pub struct Engine {
     rate: RateController,
     /// Where offsets, state and windows are committed, with `--checkpoint`.
     checkpoint: Option<JobCheckpoint>,
+    /// Hot upgrades through the admin endpoint (jobs with a checkpoint).
+    upgrades: Option<Upgrades>,
+}
+
+/// What a running job reports on its admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub plugin: PluginIdentity,
+    pub kind: PluginKind,
+    pub last_batch: Option<i64>,
+    /// Records between the last batch's ends and the high watermarks it saw.
+    pub lag: Option<i64>,
+}
+
+impl Status {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "plugin": {
+                "name": self.plugin.info.name,
+                "version": self.plugin.info.version,
+                "state_schema_version": self.plugin.info.state_schema_version,
+                "digest": self.plugin.digest,
+                "kind": self.kind.to_string(),
+            },
+            "last_batch": self.last_batch,
+            "lag": self.lag,
+        })
+    }
+}
+
+/// The engine's side of hot upgrades.
+struct Upgrades {
+    /// Validated new versions, switched in at the next batch boundary.
+    candidates: Receiver<upgrade::Candidate>,
+    /// The version being replaced while the new one runs its first batches.
+    probation: Option<upgrade::Probation>,
+    status: Arc<Mutex<Status>>,
+    _admin: AdminServer,
 }
 
 /// The checkpoint and what the engine learned from it at start.
 struct JobCheckpoint {
-    store: Checkpoint,
+    store: Arc<Checkpoint>,
     state_partitions: u32,
     /// A batch that was planned but not committed before the last run stopped: run first,
     /// with its original time and ranges.
@@ -59,6 +104,15 @@ struct JobCheckpoint {
 struct PartitionTask {
     context: BatchContext,
     records: Vec<InputRecord>,
+}
+
+/// What processing a batch produced, ready to deliver and commit.
+struct Processed {
+    outputs: Vec<OutputRecord>,
+    dead_letters: Vec<OutputRecord>,
+    rejected: usize,
+    skipped: usize,
+    changes: BatchChanges,
 }
 
 impl PartitionTask {
@@ -143,7 +197,12 @@ impl Engine {
             job.parallelism,
             humantime::format_duration(job.batch_interval)
         );
-        let mut engine = Engine { job, plugin, instances: vec![first_instance], source, sinks, rate, checkpoint };
+        let upgrades = match &checkpoint {
+            Some(store) => Some(start_upgrades(&job, &plugin, store)?),
+            None => None,
+        };
+        let mut engine =
+            Engine { job, plugin, instances: vec![first_instance], source, sinks, rate, checkpoint, upgrades };
         engine.ensure_workers()?;
         Ok(engine)
     }
@@ -286,6 +345,7 @@ impl Engine {
             self.source.refresh_partitions().with_context(|| format!("batch {batch_time} ms"))?;
             self.ensure_workers()?;
         }
+        self.switch_to_candidate(batch_time)?;
         let (ranges, caught_up, rate) = match replay {
             Some(replay) => (replay.ranges, false, None),
             None => {
@@ -293,6 +353,10 @@ impl Engine {
                 let planned =
                     self.source.plan(|lags| self.rate.caps(lags)).with_context(|| format!("batch {batch_time} ms"))?;
                 let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
+                let lag = planned.iter().map(|p| (p.high_watermark - p.range.until).max(0)).sum();
+                if let Some(upgrades) = &self.upgrades {
+                    upgrades.status.lock().expect("not poisoned").lag = Some(lag);
+                }
                 (planned.into_iter().map(|p| p.range).collect::<Vec<_>>(), caught_up, rate)
             }
         };
@@ -319,13 +383,153 @@ impl Engine {
             })
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len()).sum();
-        let results = run_each(&self.plugin, &mut self.instances, &tasks, |instance, task| {
+        let processed = match self.process(batch_time, &tasks) {
+            Ok(processed) => {
+                if records_in > 0 {
+                    self.probation_passed(batch_time);
+                }
+                processed
+            }
+            Err(error) if self.on_probation() => {
+                self.roll_back(batch_time, &error)?;
+                self.process(batch_time, &tasks)?
+            }
+            Err(error) => return Err(error),
+        };
+        let Processed { outputs, dead_letters, rejected, skipped, changes } = processed;
+        failpoint::reached("plugin");
+        let processed_at = started.elapsed();
+
+        self.sinks
+            .deliver(batch_time, &outputs, &dead_letters)
+            .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+        failpoint::reached("deliver");
+        let delivered_at = started.elapsed();
+        let checkpoint = self.checkpoint.as_ref().map(|checkpoint| &*checkpoint.store);
+        let committed = commit::commit_batch(checkpoint, &self.source, &self.plugin, batch_time, &ranges, &changes)?;
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.last_batch = Some(batch_time);
+        }
+        if let Some(upgrades) = &self.upgrades {
+            upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
+        }
+        tracing::debug!(
+            "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
+            planned_at,
+            fetched_at - planned_at,
+            processed_at - fetched_at,
+            delivered_at - processed_at,
+            started.elapsed() - delivered_at
+        );
+        let report = BatchReport {
+            batch_time,
+            ranges,
+            records_in,
+            outputs: outputs.len(),
+            rejected,
+            dead_letters: dead_letters.len(),
+            skipped,
+            processing: started.elapsed(),
+            scheduling_delay,
+            caught_up,
+            rate,
+        };
+        Ok((report, committed))
+    }
+
+    /// Whether a new version is running its first batches.
+    fn on_probation(&self) -> bool {
+        self.upgrades.as_ref().is_some_and(|upgrades| upgrades.probation.is_some())
+    }
+
+    /// Switches to a validated new version, if one is waiting: the batch boundary is now.
+    fn switch_to_candidate(&mut self, batch_time: i64) -> Result<()> {
+        let Some(upgrades) = &mut self.upgrades else { return Ok(()) };
+        if upgrades.probation.is_some() {
+            return Ok(());
+        }
+        let Ok(mut candidate) = upgrades.candidates.try_recv() else { return Ok(()) };
+        tracing::info!(
+            "batch {batch_time} ms: switching from {} to {}",
+            self.plugin.identity(),
+            candidate.runtime.identity()
+        );
+        if let Some(checkpoint) = &mut self.checkpoint
+            && candidate.runtime.kind() == PluginKind::Windowed
+        {
+            checkpoint.invertible = candidate.instance.inverse_reduce(&[]).is_ok_and(|inverse| inverse.is_some());
+        }
+        let previous_runtime = std::mem::replace(&mut self.plugin, candidate.runtime);
+        let previous_instances = std::mem::replace(&mut self.instances, vec![candidate.instance]);
+        upgrades.probation = Some(upgrade::Probation {
+            previous_runtime,
+            previous_instances,
+            batches_left: PROBATION_BATCHES,
+            first_batch: None,
+            reply: candidate.reply,
+        });
+        self.set_status_plugin();
+        if let Err(error) = self.ensure_workers() {
+            self.roll_back(batch_time, &error)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a batch with records the new version processed (an empty batch proves nothing);
+    /// after enough, the upgrade is done.
+    fn probation_passed(&mut self, batch_time: i64) {
+        let Some(upgrades) = &mut self.upgrades else { return };
+        let Some(probation) = &mut upgrades.probation else { return };
+        let first_batch = *probation.first_batch.get_or_insert(batch_time);
+        probation.batches_left -= 1;
+        if probation.batches_left == 0 {
+            let probation = upgrades.probation.take().expect("on probation");
+            let (from, to) = (probation.previous_runtime.identity().to_string(), self.plugin.identity().to_string());
+            tracing::info!("upgrade from {from} to {to} done: its first {PROBATION_BATCHES} batches succeeded");
+            let _ = probation.reply.send(UpgradeOutcome::Upgraded { from, to, first_batch });
+        }
+    }
+
+    /// Returns to the version the failed new one replaced; the caller re-runs the batch.
+    fn roll_back(&mut self, batch_time: i64, error: &anyhow::Error) -> Result<()> {
+        let upgrades = self.upgrades.as_mut().context("no upgrade to roll back")?;
+        let probation = upgrades.probation.take().context("no upgrade to roll back")?;
+        let failed = std::mem::replace(&mut self.plugin, probation.previous_runtime);
+        self.instances = probation.previous_instances;
+        let (from, to, reason) =
+            (self.plugin.identity().to_string(), failed.identity().to_string(), format!("{error:#}"));
+        tracing::warn!("batch {batch_time} ms: rolling back from {to} to {from}: {reason}");
+        let _ = probation.reply.send(UpgradeOutcome::RolledBack { from, to, batch: batch_time, reason });
+        if let Some(checkpoint) = &mut self.checkpoint
+            && self.plugin.kind() == PluginKind::Windowed
+        {
+            checkpoint.invertible = self.instances[0].inverse_reduce(&[]).is_ok_and(|inverse| inverse.is_some());
+        }
+        self.set_status_plugin();
+        Ok(())
+    }
+
+    fn set_status_plugin(&self) {
+        if let Some(upgrades) = &self.upgrades {
+            let mut status = upgrades.status.lock().expect("not poisoned");
+            status.plugin = self.plugin.identity().clone();
+            status.kind = self.plugin.kind();
+        }
+    }
+
+    /// Runs the plugin over a batch's partition tasks (and, for stateful and windowed plugins,
+    /// the state or window step), applying the failure policy to failed tasks. Nothing leaves
+    /// the engine here: the result is delivered and committed by the caller.
+    fn process(&mut self, batch_time: i64, tasks: &[PartitionTask]) -> Result<Processed> {
+        let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
             instance.process(&task.context, &task.records)
         });
+        // A new version on probation gets no retries and no policy: any failure rolls it back.
+        let probation = self.on_probation();
         let failures = FailureHandling {
             runtime: &self.plugin,
-            policy: self.job.failure.policy,
-            retries: self.job.failure.retries,
+            policy: if probation { FailurePolicy::Halt } else { self.job.failure.policy },
+            retries: if probation { 0 } else { self.job.failure.retries },
             dead_letter_topic: self.job.failure.dead_letter_topic.as_deref(),
         };
 
@@ -389,43 +593,34 @@ impl Engine {
             };
             outputs.extend(keyed);
         }
-        failpoint::reached("plugin");
-        let processed_at = started.elapsed();
-
-        self.sinks
-            .deliver(batch_time, &outputs, &dead_letters)
-            .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
-        failpoint::reached("deliver");
-        let delivered_at = started.elapsed();
-        let checkpoint = self.checkpoint.as_ref().map(|checkpoint| &checkpoint.store);
-        let committed =
-            commit::commit_batch(checkpoint, &self.source, self.plugin.identity(), batch_time, &ranges, &changes)?;
-        if let Some(checkpoint) = &mut self.checkpoint {
-            checkpoint.last_batch = Some(batch_time);
-        }
-        tracing::debug!(
-            "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
-            planned_at,
-            fetched_at - planned_at,
-            processed_at - fetched_at,
-            delivered_at - processed_at,
-            started.elapsed() - delivered_at
-        );
-        let report = BatchReport {
-            batch_time,
-            ranges,
-            records_in,
-            outputs: outputs.len(),
-            rejected,
-            dead_letters: dead_letters.len(),
-            skipped,
-            processing: started.elapsed(),
-            scheduling_delay,
-            caught_up,
-            rate,
-        };
-        Ok((report, committed))
+        Ok(Processed { outputs, dead_letters, rejected, skipped, changes })
     }
+}
+
+/// Starts the admin endpoint and the upgrade validator of a job with a checkpoint.
+fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheckpoint) -> Result<Upgrades> {
+    let status = Arc::new(Mutex::new(Status {
+        plugin: plugin.identity().clone(),
+        kind: plugin.kind(),
+        last_batch: checkpoint.last_batch,
+        lag: None,
+    }));
+    let (requests, incoming) = mpsc::channel();
+    let (candidates, ready) = mpsc::channel();
+    let validator = upgrade::Validator {
+        job: job.clone(),
+        checkpoint: checkpoint.store.clone(),
+        requests: incoming,
+        candidates,
+        current: status.clone(),
+    };
+    std::thread::Builder::new()
+        .name("sluice-upgrades".into())
+        .spawn(move || validator.run())
+        .context("cannot start the upgrade validator")?;
+    let dir = checkpoint.store.path().parent().context("checkpoint file without a directory")?;
+    let admin = AdminServer::start(job.admin_address, dir, status.clone(), requests)?;
+    Ok(Upgrades { candidates: ready, probation: None, status, _admin: admin })
 }
 
 /// Refuses option combinations the plugin's kind cannot honour, before anything is opened.
@@ -485,7 +680,7 @@ fn open_checkpoint(
     plugin: &PluginRuntime,
     instance: &mut PluginInstance,
 ) -> Result<(JobCheckpoint, BTreeMap<TopicPartition, i64>)> {
-    let store = Checkpoint::open(dir, job.parallelism as u32)?;
+    let store = Arc::new(Checkpoint::open(dir, job.parallelism as u32)?);
     let Resume { offsets, last_batch, pending, last_plugin, has_state } = store.resume()?;
     let info = &plugin.identity().info;
     if let Some(last) = last_plugin.filter(|_| has_state) {

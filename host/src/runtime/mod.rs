@@ -131,6 +131,11 @@ impl PluginRuntime {
         &self.identity
     }
 
+    /// The configuration its instances were initialised with.
+    pub fn config(&self) -> &[(String, String)] {
+        &self.config
+    }
+
     /// What this plugin does.
     pub fn kind(&self) -> PluginKind {
         match self.pre {

@@ -112,6 +112,7 @@ impl Transform for Etl {
     }
 }
 
+#[cfg(feature = "component")]
 sluice_sdk::export_transform!(Etl);
 
 #[cfg(test)]
