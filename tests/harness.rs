@@ -330,3 +330,90 @@ pub fn etl_case(first: usize, count: usize, partitions: i32) -> EtlCase {
     case.malformed_positions.sort();
     case
 }
+
+/// A PostgreSQL server from the Debian packages, on loopback and a free port, with its data in
+/// a temporary directory; stopped when dropped. As root (PostgreSQL refuses to run as root) it
+/// runs as the `postgres` user the package creates.
+pub struct PgServer {
+    data: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = postgres_bin_dir();
+        let data = tempfile::Builder::new().prefix("sluice-pg-").tempdir().unwrap();
+        let as_root = Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+        if as_root {
+            let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(data.path()).status().unwrap();
+            assert!(status.success(), "chown the PostgreSQL data directory");
+        }
+        let run = |program: &str, args: &[&str]| {
+            let program = bin.join(program);
+            let mut command = if as_root {
+                let mut command = Command::new("runuser");
+                command.args(["-u", "postgres", "--"]).arg(&program);
+                command
+            } else {
+                Command::new(&program)
+            };
+            let output =
+                command.args(args).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+            assert!(
+                output.status.success(),
+                "{} failed:\n{}",
+                program.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let cluster = data.path().join("cluster");
+        let cluster = cluster.to_str().unwrap();
+        run("initdb", &["--auth=trust", "--username=postgres", "--encoding=UTF8", "-D", cluster]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = format!("-p {port} -c listen_addresses=127.0.0.1 -k {}", data.path().display());
+        let log = data.path().join("server.log");
+        run("pg_ctl", &["start", "-w", "-D", cluster, "-l", log.to_str().unwrap(), "-o", &options]);
+        PgServer { data, bin, port }
+    }
+
+    /// The connection string for `host run --postgres`.
+    pub fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    /// Runs SQL with psql (a client nobody here wrote) and returns its unaligned output rows.
+    pub fn psql(&self, sql: &str) -> Vec<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(output.status.success(), "psql {sql:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let cluster = self.data.path().join("cluster");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+        let stopped = command.args(["stop", "-m", "immediate", "-D"]).arg(&cluster).output();
+        if !stopped.is_ok_and(|out| out.status.success()) {
+            let _ = Command::new(&pg_ctl).args(["stop", "-m", "immediate", "-D"]).arg(&cluster).output();
+        }
+    }
+}
+
+/// Where the Debian package puts `initdb` and `pg_ctl` (not on PATH): the newest version.
+fn postgres_bin_dir() -> std::path::PathBuf {
+    let mut versions: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is needed for the database tests (tests/run installs the Debian package)")
+        .map(|entry| entry.unwrap().path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("no PostgreSQL version with initdb under /usr/lib/postgresql")
+}

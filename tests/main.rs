@@ -19,6 +19,8 @@ mod etl_process;
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
 mod graceful_stop;
+/// The PostgreSQL sink against a real server: transactions, upserts, bad databases.
+mod postgres;
 /// Misbehaving plugins: limits, capabilities and failure policies.
 mod sandbox;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.

@@ -165,6 +165,7 @@ impl MockKafka {
             sandbox: Default::default(),
             failure: Default::default(),
             admin_address: sluice_host::config::DEFAULT_ADMIN_ADDRESS,
+            postgres: None,
         }
     }
 }

@@ -207,6 +207,27 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_ADMIN_ADDRESS", value_name = "HOST:PORT")]
     pub admin_address: Option<std::net::SocketAddr>,
 
+    /// PostgreSQL connection for the table sink, e.g. `postgres://user@127.0.0.1:5432/db` or
+    /// `host=127.0.0.1 port=5432 user=app dbname=app`.
+    #[arg(long, env = "SLUICE_POSTGRES", value_name = "URL")]
+    pub postgres: Option<String>,
+
+    /// Table that outputs without a topic of their own are written to, one row per output
+    /// (its value a JSON object of column values). Needs --postgres.
+    #[arg(long, env = "SLUICE_POSTGRES_TABLE", value_name = "TABLE")]
+    pub postgres_table: Option<String>,
+
+    /// `transactional`: a batch's rows and its offsets (table `sluice_offsets`) commit in one
+    /// database transaction, and the job restarts from there; `upsert`: rows are upserted by
+    /// --postgres-key, so replayed batches change nothing [default: transactional].
+    #[arg(long, env = "SLUICE_POSTGRES_MODE", value_enum)]
+    pub postgres_mode: Option<PostgresMode>,
+
+    /// A key column of --postgres-table, the conflict target of upserts (repeatable).
+    #[arg(long = "postgres-key", value_name = "COLUMN")]
+    #[serde(default)]
+    pub postgres_keys: Vec<String>,
+
     /// Grant the plugin one environment variable, as NAME=VALUE (repeatable). Plugins see no
     /// environment otherwise.
     #[arg(long = "allow-env", value_name = "NAME=VALUE", value_parser = parse_key_value)]
@@ -277,6 +298,10 @@ impl JobOptions {
             max_table_elements: self.max_table_elements.or(file.max_table_elements),
             max_instances: self.max_instances.or(file.max_instances),
             admin_address: self.admin_address.or(file.admin_address),
+            postgres: self.postgres.or(file.postgres),
+            postgres_table: self.postgres_table.or(file.postgres_table),
+            postgres_mode: self.postgres_mode.or(file.postgres_mode),
+            postgres_keys: list(self.postgres_keys, file.postgres_keys),
             on_failure: self.on_failure.or(file.on_failure),
             task_retries: self.task_retries.or(file.task_retries),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
@@ -321,6 +346,27 @@ pub struct JobConfig {
     pub sandbox: Sandbox,
     pub failure: FailureSettings,
     pub admin_address: std::net::SocketAddr,
+    pub postgres: Option<PostgresSettings>,
+}
+
+/// How the PostgreSQL sink makes outputs exactly-once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresMode {
+    /// Rows and offsets in one transaction.
+    #[default]
+    Transactional,
+    /// Idempotent upserts by key.
+    Upsert,
+}
+
+/// The PostgreSQL table sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    pub url: String,
+    pub table: String,
+    pub mode: PostgresMode,
+    pub keys: Vec<String>,
 }
 
 /// What happens to a partition task that fails.
@@ -429,7 +475,7 @@ impl JobConfig {
             topics,
             group,
             batch_interval,
-            output_topic: options.output_topic,
+            output_topic: options.output_topic.clone(),
             print: options.print.filter(|n| *n > 0),
             kafka: options.kafka,
             start: options.start.into_iter().collect(),
@@ -471,6 +517,21 @@ impl JobConfig {
                 &options.allow_dirs,
             )?,
             admin_address: options.admin_address.unwrap_or(DEFAULT_ADMIN_ADDRESS),
+            postgres: match (options.postgres, options.postgres_table) {
+                (Some(url), Some(table)) => {
+                    if options.output_topic.is_some() {
+                        bail!("--output-topic and --postgres-table both claim the outputs without a topic: give one");
+                    }
+                    let mode = options.postgres_mode.unwrap_or_default();
+                    if mode == PostgresMode::Upsert && options.postgres_keys.is_empty() {
+                        bail!("--postgres-mode upsert needs --postgres-key COLUMN (the conflict target)");
+                    }
+                    Some(PostgresSettings { url, table, mode, keys: options.postgres_keys })
+                }
+                (None, None) => None,
+                (Some(_), None) => bail!("--postgres needs --postgres-table TABLE"),
+                (None, Some(_)) => bail!("--postgres-table needs --postgres URL"),
+            },
             failure: FailureSettings {
                 policy: match (options.on_failure.unwrap_or_default(), &options.dead_letter_topic) {
                     (FailurePolicy::DeadLetter, None) => {

@@ -75,6 +75,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         sandbox: Default::default(),
         failure: Default::default(),
         admin_address: crate::config::DEFAULT_ADMIN_ADDRESS,
+        postgres: None,
     };
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine

@@ -26,12 +26,12 @@ pub use upgrade::{PROBATION_BATCHES, UpgradeOutcome, UpgradeRequest};
 
 use crate::admin::AdminServer;
 use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, PluginRun, Resume};
-use crate::config::{FailurePolicy, JobConfig};
+use crate::config::{FailurePolicy, JobConfig, PostgresMode};
 use crate::failpoint;
 use crate::runtime::{
     BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginInstance, PluginKind, PluginRuntime,
 };
-use crate::sinks::{KafkaSink, PrintSink, Sinks};
+use crate::sinks::{KafkaSink, PostgresSink, PrintSink, Sinks};
 use crate::source::{KafkaSource, OffsetRange, TopicPartition, describe_ranges};
 use failure::FailureHandling;
 use parallel::run_each;
@@ -84,7 +84,20 @@ struct Upgrades {
     /// The version being replaced while the new one runs its first batches.
     probation: Option<upgrade::Probation>,
     status: Arc<Mutex<Status>>,
-    _admin: AdminServer,
+    admin: Option<AdminServer>,
+    /// The validator thread; it holds the checkpoint, so the engine waits for it on drop.
+    validator: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Upgrades {
+    fn drop(&mut self) {
+        // Stopping the endpoint closes the request channel, which ends the validator, which
+        // releases the checkpoint: a job started right after this one can open it.
+        drop(self.admin.take());
+        if let Some(validator) = self.validator.take() {
+            let _ = validator.join();
+        }
+    }
 }
 
 /// The checkpoint and what the engine learned from it at start.
@@ -172,22 +185,37 @@ impl Engine {
             PluginRuntime::load(&job.plugin, job.plugin_config.clone(), job.sandbox.clone())?;
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
         check_job_fits_plugin(&job, &plugin)?;
-        // The checkpoint is opened (and a bad one refused) before Kafka is touched.
-        let (checkpoint, checkpointed) = match &job.checkpoint {
+        // The checkpoint and the database are opened (and bad ones refused) before Kafka is touched.
+        let (checkpoint, mut checkpointed) = match &job.checkpoint {
             Some(dir) => {
                 let (checkpoint, offsets) = open_checkpoint(dir, &job, &plugin, &mut first_instance)?;
                 (Some(checkpoint), offsets)
             }
             None => (None, BTreeMap::new()),
         };
+        let postgres = match &job.postgres {
+            Some(settings) => {
+                if settings.mode == PostgresMode::Transactional && checkpoint.is_some() {
+                    bail!(
+                        "--postgres-mode transactional keeps the job's offsets in the database; it cannot be \
+                         combined with --checkpoint (use --postgres-mode upsert for a job with state)"
+                    );
+                }
+                let mut sink = PostgresSink::connect(settings.clone(), &job.group, job.broker_timeout)?;
+                checkpointed.extend(sink.offsets()?);
+                Some(sink)
+            }
+            None => None,
+        };
 
         let client = job.kafka_client_config();
-        if job.output_topic.is_none() && job.print.is_none() {
+        if job.output_topic.is_none() && job.print.is_none() && postgres.is_none() {
             tracing::warn!("no --output-topic or --print: only outputs that name their own topic go anywhere");
         }
         let sinks = Sinks {
             kafka: KafkaSink::new(&client, job.output_topic.clone(), job.broker_timeout)?,
             print: job.print.map(PrintSink::new),
+            postgres,
         };
         let source = KafkaSource::connect(&job, checkpointed)?;
 
@@ -404,6 +432,8 @@ impl Engine {
             .deliver(batch_time, &outputs, &dead_letters)
             .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
         failpoint::reached("deliver");
+        self.sinks.write_rows(&outputs, &ranges).with_context(|| format!("batch {batch_time} ms"))?;
+        failpoint::reached("database");
         let delivered_at = started.elapsed();
         let checkpoint = self.checkpoint.as_ref().map(|checkpoint| &*checkpoint.store);
         let committed = commit::commit_batch(checkpoint, &self.source, &self.plugin, batch_time, &ranges, &changes)?;
@@ -614,13 +644,13 @@ fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheck
         candidates,
         current: status.clone(),
     };
-    std::thread::Builder::new()
+    let validator = std::thread::Builder::new()
         .name("sluice-upgrades".into())
         .spawn(move || validator.run())
         .context("cannot start the upgrade validator")?;
     let dir = checkpoint.store.path().parent().context("checkpoint file without a directory")?;
     let admin = AdminServer::start(job.admin_address, dir, status.clone(), requests)?;
-    Ok(Upgrades { candidates: ready, probation: None, status, _admin: admin })
+    Ok(Upgrades { candidates: ready, probation: None, status, admin: Some(admin), validator: Some(validator) })
 }
 
 /// Refuses option combinations the plugin's kind cannot honour, before anything is opened.
