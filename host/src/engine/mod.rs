@@ -151,11 +151,28 @@ pub struct BatchReport {
     pub processing: Duration,
     /// How late the batch started relative to its batch time.
     pub scheduling_delay: Duration,
+    /// Where the processing time went.
+    pub phases: BatchPhases,
     /// Whether the batch left every partition at the high watermark seen when planning.
     pub caught_up: bool,
     /// The rate limit the batch was planned with, in records per second for the whole job
     /// (`None`: unlimited, or only `--max-rate-per-partition`).
     pub rate: Option<f64>,
+}
+
+/// The steps of one batch and how long each took; together they make up its processing time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchPhases {
+    /// Topic discovery, upgrade switch, offset-range planning and the checkpoint's plan write.
+    pub plan: Duration,
+    /// Reading the ranges' records.
+    pub fetch: Duration,
+    /// Plugin calls, state and windows.
+    pub plugin: Duration,
+    /// Waiting for the sinks to acknowledge every output.
+    pub deliver: Duration,
+    /// The checkpoint transaction and the consumer-group commit.
+    pub commit: Duration,
 }
 
 impl BatchReport {
@@ -443,14 +460,14 @@ impl Engine {
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
         }
-        tracing::debug!(
-            "batch {batch_time} ms phases: plan {:?}, fetch {:?}, plugin {:?}, deliver {:?}, commit {:?}",
-            planned_at,
-            fetched_at - planned_at,
-            processed_at - fetched_at,
-            delivered_at - processed_at,
-            started.elapsed() - delivered_at
-        );
+        let phases = BatchPhases {
+            plan: planned_at,
+            fetch: fetched_at - planned_at,
+            plugin: processed_at - fetched_at,
+            deliver: delivered_at - processed_at,
+            commit: started.elapsed() - delivered_at,
+        };
+        tracing::debug!("batch {batch_time} ms phases: {phases:?}");
         let report = BatchReport {
             batch_time,
             ranges,
@@ -461,6 +478,7 @@ impl Engine {
             skipped,
             processing: started.elapsed(),
             scheduling_delay,
+            phases,
             caught_up,
             rate,
         };

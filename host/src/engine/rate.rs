@@ -246,6 +246,7 @@ mod tests {
             skipped: 0,
             processing: Duration::from_millis(50),
             scheduling_delay: Duration::ZERO,
+            phases: Default::default(),
             caught_up: false,
             rate: Some(50.0),
         };

@@ -1,0 +1,350 @@
+//! End-to-end benchmarks: Sluice against a native rdkafka baseline and Quix Streams, side by
+//! side on one embedded broker and one input, each result a ratio to the native baseline of
+//! the same run.
+//!
+//! `cargo run --release -p sluice-bench` prints the tables; `-- --write-docs docs/BENCHMARKS.md`
+//! also regenerates the document's measured section.
+
+mod boundary;
+mod input;
+mod kafka;
+mod native;
+mod quix;
+mod report;
+mod sluice;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use clap::Parser;
+
+use kafka::{Broker, Topic};
+use report::{Overhead, Report, Row};
+
+/// Benchmarks Sluice against a native baseline and Quix Streams on the embedded mock cluster.
+#[derive(Parser, Debug)]
+struct Args {
+    /// ETL input lines (the seeds' access log) for Sluice and the native baseline.
+    #[arg(long, default_value_t = 320_000)]
+    records: u64,
+    /// Partitions of the ETL input. The mock cluster keeps at most 5 MB per partition, so a
+    /// larger ETL run needs more partitions.
+    #[arg(long, default_value_t = 32)]
+    etl_partitions: i32,
+    /// Word-count input lines (8 words each).
+    #[arg(long, default_value_t = 200_000)]
+    word_lines: u64,
+    /// Distinct words in the word-count input: the keys in state.
+    #[arg(long, default_value_t = 100_000)]
+    vocabulary: u64,
+    /// ETL input lines for Quix Streams (slower: a smaller run of the same input).
+    #[arg(long, default_value_t = 200_000)]
+    peer_records: u64,
+    /// Word-count input lines for Quix Streams.
+    #[arg(long, default_value_t = 25_000)]
+    peer_word_lines: u64,
+    /// Records in one batch, spread evenly over the partitions (Sluice gets the matching
+    /// `--max-rate-per-partition`).
+    #[arg(long, default_value_t = 40_000)]
+    batch_records: i64,
+    /// Batch interval of the throughput runs; batches of a backlog run back to back.
+    #[arg(long, default_value = "25ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Plugin workers of the Sluice runs (the native baseline is single-threaded too).
+    #[arg(long, default_value_t = 1)]
+    parallelism: usize,
+    /// Runs of each Sluice/native pair, alternating; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Batches of the 50 ms overhead run.
+    #[arg(long, default_value_t = 100)]
+    overhead_batches: u64,
+    /// Skip Quix Streams.
+    #[arg(long)]
+    no_peer: bool,
+    /// Run only these parts (for profiling one of them); the report then lists only those.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+    /// Where Quix Streams' virtual environment lives.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-venv"))]
+    venv: PathBuf,
+    /// Where the engine's log goes.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/sluice-bench.log"))]
+    log: PathBuf,
+    /// Rewrite the measured section of this Markdown file (docs/BENCHMARKS.md).
+    #[arg(long, value_name = "FILE")]
+    write_docs: Option<PathBuf>,
+}
+
+/// The parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Etl,
+    Wordcount,
+    Peer,
+    Boundary,
+    Overhead,
+}
+
+/// Partitions of the word-count input: four, because that is what the mock cluster gives the
+/// topics it creates on first use, Quix Streams' repartition and changelog topics among them.
+const WORD_PARTITIONS: i32 = 4;
+
+/// The batching every runner shares: the same offset ranges, batch after batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub interval: Duration,
+    pub per_partition: i64,
+}
+
+impl Batching {
+    fn new(interval: Duration, batch_records: i64, partitions: i32) -> Batching {
+        Batching { interval, per_partition: (batch_records / i64::from(partitions)).max(1) }
+    }
+
+    /// The `--max-rate-per-partition` that gives `per_partition` records per batch.
+    fn max_rate_per_partition(&self) -> f64 {
+        self.per_partition as f64 / self.interval.as_secs_f64()
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // The engine logs as `host run` does (info, a line per batch and per rejected record), to a
+    // file: that cost is part of what is measured, the terminal is spared.
+    let log = std::fs::File::create(&args.log).with_context(|| format!("cannot create {}", args.log.display()))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .init();
+    let broker = Broker::start()?;
+    let mut report = Report::new(&args);
+
+    let bench = Bench { broker: &broker, args: &args };
+    let wants = |part| args.only.is_empty() || args.only.contains(&part);
+    // Ratios are to the native baseline of this run; a part run alone has none.
+    let (mut native_etl, mut sluice_etl, mut native_words, mut sluice_words) = (f64::NAN, f64::NAN, f64::NAN, f64::NAN);
+    if wants(Part::Etl) {
+        eprintln!("loading {} ETL lines", args.records);
+        let etl_in = Topic { name: "etl-in", partitions: args.etl_partitions };
+        broker.load(etl_in, args.records, input::etl_line)?;
+        (native_etl, sluice_etl) = bench.etl_pair(etl_in)?;
+        report.rows.push(Row::new("ETL", "native baseline (rdkafka, no Wasm)", args.records, native_etl, native_etl));
+        report.rows.push(Row::new(
+            "ETL",
+            "Sluice (`host run --plugin etl.wasm`)",
+            args.records,
+            sluice_etl,
+            native_etl,
+        ));
+    }
+    if wants(Part::Wordcount) {
+        eprintln!("loading {} word-count lines", args.word_lines);
+        let words_in = Topic { name: "words-in", partitions: WORD_PARTITIONS };
+        broker.load(words_in, args.word_lines, |n| input::word_line(n, args.vocabulary))?;
+        let counts = input::word_counts(args.word_lines, args.vocabulary);
+        (native_words, sluice_words) = bench.wordcount_pair(words_in, &counts)?;
+        let rows = [("native baseline (redb)", native_words), ("Sluice (wordcount.wasm)", sluice_words)];
+        for (runner, rate) in rows {
+            report.rows.push(Row::new("word count", runner, args.word_lines, rate, native_words));
+        }
+    }
+    if wants(Part::Peer) && !args.no_peer {
+        let quix = quix::Quix::prepare(&args.venv)?;
+        report.quix_version = Some(quix.version.clone());
+        let (etl, words) = bench.peer(&quix)?;
+        report.rows.push(Row::new("ETL", "Quix Streams", args.peer_records, etl, native_etl));
+        report.rows.push(Row::new("word count", "Quix Streams", args.peer_word_lines, words, native_words));
+        report.peer_rows.push(("ETL", etl, sluice_etl));
+        report.peer_rows.push(("word count", words, sluice_words));
+    }
+    if wants(Part::Boundary) {
+        eprintln!("measuring the Wasm boundary");
+        let boundary = boundary::measure(15)?;
+        let records = boundary::TASK as u64;
+        report.rows.push(Row::new("Wasm boundary", "native pass-through", records, boundary.native, boundary.native));
+        let runner = "Sluice pass-through (busy.wasm)";
+        report.rows.push(Row::new("Wasm boundary", runner, records, boundary.wasm, boundary.native));
+        report.boundary_ns = Some(boundary.cost_per_record());
+    }
+    if wants(Part::Overhead) {
+        report.overhead = Some(bench.overhead()?);
+    }
+    let text = report.markdown();
+    println!("{text}");
+    if let Some(path) = &args.write_docs {
+        report::write_into(path, &text)?;
+        eprintln!("wrote the measured section of {}", path.display());
+    }
+    Ok(())
+}
+
+/// The runs, against one broker.
+struct Bench<'a> {
+    broker: &'a Broker,
+    args: &'a Args,
+}
+
+impl Bench<'_> {
+    /// The batching of the throughput runs over `input`.
+    fn batching(&self, input: Topic<'_>) -> Batching {
+        Batching::new(self.args.interval, self.args.batch_records, input.partitions)
+    }
+
+    /// `host run` flags of a backlog job on `input` writing to `output`.
+    fn flags(&self, plugin: &str, batching: Batching, input: &str, output: &str, group: &str) -> Vec<String> {
+        [
+            "--plugin",
+            plugin,
+            "--brokers",
+            &self.broker.bootstrap(),
+            "--topic",
+            input,
+            "--group",
+            group,
+            "--output-topic",
+            output,
+            "--batch-interval",
+            &format!("{}ms", batching.interval.as_millis()),
+            "--max-rate-per-partition",
+            &batching.max_rate_per_partition().to_string(),
+            "--parallelism",
+            &self.args.parallelism.to_string(),
+            "--auto-offset-reset",
+            "earliest",
+            "--kafka",
+            "fetch.wait.max.ms=20",
+            "--stop-when-caught-up",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// ETL through the native baseline and through Sluice, alternating; median records/s.
+    fn etl_pair(&self, input: Topic<'_>) -> Result<(f64, f64)> {
+        let valid = input::etl_valid_count(self.args.records);
+        let ends = self.broker.log_ends(input.name)?;
+        let batching = self.batching(input);
+        let (mut native, mut sluice) = (Vec::new(), Vec::new());
+        for round in 0..self.args.repeat.max(1) {
+            eprintln!("ETL round {}: native baseline", round + 1);
+            let (output, group) = (format!("etl-native-out-{round}"), format!("etl-native-{round}"));
+            self.broker.create_topic(Topic { name: &output, ..input })?;
+            let run = native::etl(self.broker, input.name, &output, &group, batching)?;
+            ensure!(run.outputs == valid && self.broker.count(&output)? == valid, "native ETL: wrong output count");
+            ensure!(self.broker.committed(&group, input.name)? == ends, "native ETL: offsets not committed to the end");
+            native.push(run.records as f64 / run.elapsed.as_secs_f64());
+
+            eprintln!("ETL round {}: Sluice", round + 1);
+            let (output, group) = (format!("etl-sluice-out-{round}"), format!("etl-sluice-{round}"));
+            self.broker.create_topic(Topic { name: &output, ..input })?;
+            let run = sluice::run(&self.flags(sluice_plugin_artifacts::ETL, batching, input.name, &output, &group))?;
+            ensure!(run.summary.outputs == valid, "Sluice ETL: {} outputs, expected {valid}", run.summary.outputs);
+            ensure!(run.summary.rejected == self.args.records - valid, "Sluice ETL: wrong rejection count");
+            ensure!(self.broker.count(&output)? == valid, "Sluice ETL: wrong output count in the topic");
+            ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not committed to the end");
+            sluice.push(run.summary.records_in as f64 / run.elapsed.as_secs_f64());
+        }
+        Ok((median(native), median(sluice)))
+    }
+
+    /// Word count with a checkpoint every batch, native and Sluice; state checked exactly.
+    fn wordcount_pair(&self, input: Topic<'_>, counts: &HashMap<String, u64>) -> Result<(f64, f64)> {
+        let batching = self.batching(input);
+        let (mut native, mut sluice) = (Vec::new(), Vec::new());
+        for round in 0..self.args.repeat.max(1) {
+            eprintln!("word count round {}: native baseline", round + 1);
+            let store = tempfile::tempdir()?;
+            let output = format!("words-native-out-{round}");
+            self.broker.create_topic(Topic { name: &output, ..input })?;
+            let group = format!("words-native-{round}");
+            let run = native::wordcount(self.broker, input.name, &output, &group, batching, store.path())?;
+            check_counts(self.broker, &output, counts).context("native word count")?;
+            native.push(run.records as f64 / run.elapsed.as_secs_f64());
+
+            eprintln!("word count round {}: Sluice", round + 1);
+            let checkpoint = tempfile::tempdir()?;
+            let output = format!("words-sluice-out-{round}");
+            self.broker.create_topic(Topic { name: &output, ..input })?;
+            let group = format!("words-sluice-{round}");
+            let mut flags = self.flags(sluice_plugin_artifacts::WORDCOUNT, batching, input.name, &output, &group);
+            flags.extend(["--checkpoint".into(), checkpoint.path().display().to_string()]);
+            let run = sluice::run(&flags)?;
+            check_counts(self.broker, &output, counts).context("Sluice word count")?;
+            sluice.push(run.summary.records_in as f64 / run.elapsed.as_secs_f64());
+        }
+        Ok((median(native), median(sluice)))
+    }
+
+    /// Quix Streams over smaller runs of the same inputs: records/s of ETL and word count.
+    fn peer(&self, quix: &quix::Quix) -> Result<(f64, f64)> {
+        let args = self.args;
+        eprintln!("Quix Streams: ETL over {} lines", args.peer_records);
+        let etl_in = Topic { name: "quix-etl-in", partitions: args.etl_partitions };
+        self.broker.load(etl_in, args.peer_records, input::etl_line)?;
+        let valid = input::etl_valid_count(args.peer_records);
+        let state = tempfile::tempdir()?;
+        let bootstrap = self.broker.bootstrap();
+        let elapsed =
+            quix.run("etl", &bootstrap, ("quix-etl-in", "quix-etl-out"), (args.peer_records, valid), state.path())?;
+        ensure!(self.broker.count("quix-etl-out")? == valid, "Quix ETL: wrong output count");
+        let etl = args.peer_records as f64 / elapsed.as_secs_f64();
+
+        eprintln!("Quix Streams: word count over {} lines", args.peer_word_lines);
+        let words_in = Topic { name: "quix-words-in", partitions: WORD_PARTITIONS };
+        self.broker.load(words_in, args.peer_word_lines, |n| input::word_line(n, args.vocabulary))?;
+        let words = args.peer_word_lines * input::WORDS_PER_LINE;
+        let elapsed = quix.run(
+            "wordcount",
+            &bootstrap,
+            ("quix-words-in", "quix-words-out"),
+            (args.peer_word_lines, words),
+            state.path(),
+        )?;
+        let counts = input::word_counts(args.peer_word_lines, args.vocabulary);
+        check_counts(self.broker, "quix-words-out", &counts).context("Quix word count")?;
+        Ok((etl, args.peer_word_lines as f64 / elapsed.as_secs_f64()))
+    }
+
+    /// Per-batch host overhead of the ETL job with a checkpoint at a 50 ms interval, every
+    /// batch carrying records.
+    fn overhead(&self) -> Result<Overhead> {
+        const INTERVAL: Duration = Duration::from_millis(50);
+        const PER_PARTITION: u64 = 100;
+        let input = Topic { name: "overhead-in", partitions: self.args.etl_partitions };
+        let batches = self.args.overhead_batches;
+        let per_batch = PER_PARTITION * input.partitions as u64;
+        let records = batches * per_batch;
+        eprintln!("overhead: {batches} batches of {} ms", INTERVAL.as_millis());
+        self.broker.load(input, records, input::etl_line)?;
+        self.broker.create_topic(Topic { name: "overhead-out", ..input })?;
+        let checkpoint = tempfile::tempdir()?;
+        let batching = Batching { interval: INTERVAL, per_partition: PER_PARTITION as i64 };
+        let mut flags = self.flags(sluice_plugin_artifacts::ETL, batching, input.name, "overhead-out", "overhead");
+        flags.extend(["--checkpoint".into(), checkpoint.path().display().to_string()]);
+        flags.extend(["--max-batches".into(), batches.to_string()]);
+        let run = sluice::run(&flags)?;
+        ensure!(run.summary.records_in == records, "overhead run: {} of {records} records", run.summary.records_in);
+        Ok(Overhead::from_batches(INTERVAL, per_batch, &run.batches))
+    }
+}
+
+/// The output topic's latest `(word,total)` per word must equal the independent count.
+fn check_counts(broker: &Broker, topic: &str, counts: &HashMap<String, u64>) -> Result<()> {
+    let (_, latest) = broker.latest_by_key(topic)?;
+    ensure!(latest.len() == counts.len(), "{} words in the output, expected {}", latest.len(), counts.len());
+    for (word, total) in counts {
+        let expected = format!("({word},{total})");
+        let found = latest.get(word).map(String::as_str);
+        ensure!(found == Some(&expected), "word {word}: latest output {found:?}, expected {expected}");
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

@@ -1,0 +1,45 @@
+//! Sluice itself: `host run` with the given flags, run by the engine in this process.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::Parser as _;
+use sluice_host::config::{JobConfig, JobOptions};
+use sluice_host::engine::{BatchReport, Engine, RunSummary, Shutdown};
+
+/// `host run`'s flags, parsed as the `host` binary parses them.
+#[derive(clap::Parser)]
+struct RunFlags {
+    #[command(flatten)]
+    job: JobOptions,
+}
+
+/// What a Sluice run did.
+pub struct SluiceRun {
+    /// From the start of the first batch's wait to the job's stop; loading the plugin and
+    /// connecting happen before and are not counted.
+    pub elapsed: Duration,
+    pub summary: RunSummary,
+    pub batches: Vec<BatchReport>,
+}
+
+/// Runs a job given as `host run` flags to its end.
+pub fn run(flags: &[String]) -> Result<SluiceRun> {
+    let options = RunFlags::try_parse_from(std::iter::once("host run".to_string()).chain(flags.iter().cloned()))
+        .context("bad host run flags")?
+        .job;
+    let job = JobConfig::from_options(options)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let engine = tokio::task::block_in_place(|| Engine::start(job))?;
+        let mut batches = Vec::new();
+        let started = Instant::now();
+        let summary = engine
+            .run_observed(Shutdown::manual().0, |report| {
+                batches.push(report.clone());
+                Ok(())
+            })
+            .await?;
+        Ok(SluiceRun { elapsed: started.elapsed(), summary, batches })
+    })
+}
