@@ -68,7 +68,9 @@ impl StateStep<'_> {
         values: Vec<Vec<KeyedValue>>,
         changes: &mut BatchChanges,
     ) -> Result<Vec<OutputRecord>> {
+        let started = std::time::Instant::now();
         let shuffled = shuffle(values, self.partitions);
+        let shuffled_at = started.elapsed();
         let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
         let mut prior =
             keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
@@ -82,6 +84,7 @@ impl StateStep<'_> {
                 }
             }
         }
+        let read_at = started.elapsed();
         self.migrate(instances, &mut prior)?;
 
         let mut tasks = Vec::new();
@@ -110,9 +113,18 @@ impl StateStep<'_> {
             tasks.push(task);
         }
 
+        let prepared_at = started.elapsed();
         let answers = run_parallel(self.runtime, instances, &tasks, |instance, task| {
             instance.update(&task.context, &task.groups)
         })?;
+        tracing::debug!(
+            "state step of {} keys: shuffle {:?}, state read {:?}, migration and grouping {:?}, update {:?}",
+            keys_count(&tasks),
+            shuffled_at,
+            read_at - shuffled_at,
+            prepared_at - read_at,
+            started.elapsed() - prepared_at
+        );
         let mut outputs = Vec::new();
         for (task, updates) in tasks.into_iter().zip(answers) {
             for ((group, previous_touched), update) in task.groups.into_iter().zip(task.previous_touched).zip(updates) {
@@ -138,4 +150,8 @@ impl StateStep<'_> {
         }
         Ok(outputs)
     }
+}
+
+fn keys_count(tasks: &[StateTask]) -> usize {
+    tasks.iter().map(|task| task.groups.len()).sum()
 }

@@ -479,6 +479,11 @@ fn engine(cpu: CpuLimit) -> Result<Engine> {
         CpuLimit::Fuel(_) => config.consume_fuel(true),
         CpuLimit::Unbounded => &mut config,
     };
+    // `SLUICE_PERF_MAP=1` names compiled plugin functions for `perf` (in /tmp/perf-PID.map),
+    // so a profile of the host shows where plugin time goes (docs/BENCHMARKS.md).
+    if std::env::var_os("SLUICE_PERF_MAP").is_some_and(|value| value != "0") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     match wasmtime::Cache::from_file(None) {
         Ok(cache) => {
             config.cache(Some(cache));

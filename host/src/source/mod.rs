@@ -7,7 +7,7 @@
 
 mod ranges;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -81,6 +81,12 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             // Positions are always explicit; a fetch out of range must surface, not reset.
             .set("auto.offset.reset", "error");
+        // A batch drains the fetch queue in one burst, and a partition whose queue was full
+        // when librdkafka looked is not fetched again for this long: its default (1 s) stalled
+        // the first batch of a backlog by a second (docs/BENCHMARKS.md).
+        if config.get("fetch.queue.backoff.ms").is_none() {
+            config.set("fetch.queue.backoff.ms", "10");
+        }
         let consumer: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
         let queries: BaseConsumer = config.create().context("cannot create the Kafka consumer")?;
         let mut source = KafkaSource {
@@ -167,6 +173,15 @@ impl KafkaSource {
             }
             assignment.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(offset))?;
             self.cursors.insert(partition, Cursor { next: offset, read_ahead: VecDeque::new(), paused: false });
+        }
+        // The consumer fetches a partition only once it knows the partition's leader, and it
+        // learns that from its own metadata request: asked now, so that its first fetch does
+        // not wait for a lazy refresh (which took a second in the benchmarks).
+        let topics: BTreeSet<&str> = self.cursors.keys().map(|partition| partition.topic.as_str()).collect();
+        for topic in topics {
+            if let Err(error) = self.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT) {
+                tracing::debug!("metadata of {topic} not fetched ahead of assigning it: {error}");
+            }
         }
         self.consumer.incremental_assign(&assignment).context("cannot assign partitions")
     }

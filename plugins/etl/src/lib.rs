@@ -12,6 +12,8 @@
 //! Configuration: `timezone` — an IANA zone (`Asia/Shanghai`) or a fixed offset (`+08:00`);
 //! default `UTC`.
 
+use std::borrow::Cow;
+
 use chrono::{FixedOffset, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
 use serde::Deserialize;
 use sluice_sdk::{BatchContext, Output, Outputs, PluginError, Record, Reject, Transform};
@@ -89,11 +91,20 @@ impl Transform for Etl {
 
     fn process(&mut self, _ctx: &BatchContext, record: Record, out: &mut Outputs) -> Result<(), Reject> {
         let line = record.value_str()?;
-        let fields: Vec<&str> = line.split(',').collect();
-        if fields.len() != FIELD_COUNT {
-            return Err(Reject::new(format!("expected {FIELD_COUNT} comma-separated fields, found {}", fields.len())));
+        // Fields are borrowed from the record, never copied: one allocation per record, for
+        // the output (benchmarks: docs/BENCHMARKS.md).
+        let mut fields = [""; FIELD_COUNT];
+        let mut found = 0;
+        for field in line.split(',') {
+            if let Some(slot) = fields.get_mut(found) {
+                *slot = field;
+            }
+            found += 1;
         }
-        let field = |i: usize| fields[i].trim().replace(MARK, "");
+        if found != FIELD_COUNT {
+            return Err(Reject::new(format!("expected {FIELD_COUNT} comma-separated fields, found {found}")));
+        }
+        let field = |i: usize| unmark(fields[i].trim());
 
         let time = field(2);
         let timestamp = parse_operation_time(&time)
@@ -110,6 +121,14 @@ impl Transform for Etl {
         });
         Ok(())
     }
+}
+
+/// A field without the markers. They normally wrap the field; the seeds remove them wherever
+/// they are, which needs a copy only in the rare field that has one inside.
+fn unmark(field: &str) -> Cow<'_, str> {
+    let inner = field.strip_prefix(MARK).unwrap_or(field);
+    let inner = inner.strip_suffix(MARK).unwrap_or(inner);
+    if inner.contains('<') && inner.contains(MARK) { Cow::Owned(field.replace(MARK, "")) } else { Cow::Borrowed(inner) }
 }
 
 #[cfg(feature = "component")]
@@ -165,6 +184,15 @@ mod tests {
                 (4, "expected 15 comma-separated fields, found 1"),
             ]
         );
+    }
+
+    #[test]
+    fn removes_markers_wherever_they_are() {
+        let inside = SAMPLE.replace("<<<!>>>238<<<!>>>", "<<<!>>>2<<<!>>>38<<<!>>>");
+        let unwrapped = SAMPLE.replace("<<<!>>>80<<<!>>>", "80");
+        let out = run(&[], &[&inside, &unwrapped]);
+        assert_eq!(out.values_utf8()[0], run(&[], &[SAMPLE]).values_utf8()[0]);
+        assert_eq!(out.values_utf8()[1], out.values_utf8()[0]);
     }
 
     #[test]

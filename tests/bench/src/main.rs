@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use clap::Parser;
+use sluice_sdk::Transform as _;
 
 use kafka::{Broker, Topic};
 use report::{Overhead, Report, Row};
@@ -70,6 +71,12 @@ struct Args {
     /// Where Quix Streams' virtual environment lives.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-venv"))]
     venv: PathBuf,
+    /// Extra librdkafka settings for Sluice's runs, as KEY=VALUE (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    kafka: Vec<String>,
+    /// Run only Sluice's side of the ETL and word-count pairs (for `perf record`; no ratios).
+    #[arg(long)]
+    sluice_only: bool,
     /// Where the engine's log goes.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/sluice-bench.log"))]
     log: PathBuf,
@@ -84,7 +91,9 @@ enum Part {
     Etl,
     Wordcount,
     Peer,
-    Boundary,
+    /// The ETL plugin and a pass-through plugin without Kafka: the plugin step on one core
+    /// and the cost of the Wasm boundary.
+    Plugin,
     Overhead,
 }
 
@@ -161,10 +170,16 @@ fn main() -> Result<()> {
         report.peer_rows.push(("ETL", etl, sluice_etl));
         report.peer_rows.push(("word count", words, sluice_words));
     }
-    if wants(Part::Boundary) {
-        eprintln!("measuring the Wasm boundary");
-        let boundary = boundary::measure(15)?;
+    if wants(Part::Plugin) {
+        eprintln!("measuring the plugin step without Kafka");
         let records = boundary::TASK as u64;
+        let etl = etl::Etl::init(etl::Config { timezone: "UTC".into() }).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let valid = input::etl_valid_count(records) as usize;
+        let step = boundary::compare(sluice_plugin_artifacts::ETL_WASM, etl, valid, 15)?;
+        report.rows.push(Row::new("ETL plugin alone", "native", records, step.native, step.native));
+        report.rows.push(Row::new("ETL plugin alone", "Sluice sandbox (etl.wasm)", records, step.wasm, step.native));
+        let busy = busy::Busy::init(busy::Config { work_per_record: 0 }).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let boundary = boundary::compare(sluice_plugin_artifacts::BUSY_WASM, busy, records as usize, 15)?;
         report.rows.push(Row::new("Wasm boundary", "native pass-through", records, boundary.native, boundary.native));
         let runner = "Sluice pass-through (busy.wasm)";
         report.rows.push(Row::new("Wasm boundary", runner, records, boundary.wasm, boundary.native));
@@ -220,7 +235,9 @@ impl Bench<'_> {
             "--stop-when-caught-up",
         ]
         .map(String::from)
-        .to_vec()
+        .into_iter()
+        .chain(self.args.kafka.iter().flat_map(|setting| ["--kafka".to_string(), setting.clone()]))
+        .collect()
     }
 
     /// ETL through the native baseline and through Sluice, alternating; median records/s.
@@ -230,13 +247,20 @@ impl Bench<'_> {
         let batching = self.batching(input);
         let (mut native, mut sluice) = (Vec::new(), Vec::new());
         for round in 0..self.args.repeat.max(1) {
-            eprintln!("ETL round {}: native baseline", round + 1);
-            let (output, group) = (format!("etl-native-out-{round}"), format!("etl-native-{round}"));
-            self.broker.create_topic(Topic { name: &output, ..input })?;
-            let run = native::etl(self.broker, input.name, &output, &group, batching)?;
-            ensure!(run.outputs == valid && self.broker.count(&output)? == valid, "native ETL: wrong output count");
-            ensure!(self.broker.committed(&group, input.name)? == ends, "native ETL: offsets not committed to the end");
-            native.push(run.records as f64 / run.elapsed.as_secs_f64());
+            if self.args.sluice_only {
+                native.push(f64::NAN);
+            } else {
+                eprintln!("ETL round {}: native baseline", round + 1);
+                let (output, group) = (format!("etl-native-out-{round}"), format!("etl-native-{round}"));
+                self.broker.create_topic(Topic { name: &output, ..input })?;
+                let run = native::etl(self.broker, input.name, &output, &group, batching)?;
+                ensure!(run.outputs == valid && self.broker.count(&output)? == valid, "native ETL: wrong output count");
+                ensure!(
+                    self.broker.committed(&group, input.name)? == ends,
+                    "native ETL: offsets not committed to the end"
+                );
+                native.push(run.records as f64 / run.elapsed.as_secs_f64());
+            }
 
             eprintln!("ETL round {}: Sluice", round + 1);
             let (output, group) = (format!("etl-sluice-out-{round}"), format!("etl-sluice-{round}"));
@@ -256,14 +280,18 @@ impl Bench<'_> {
         let batching = self.batching(input);
         let (mut native, mut sluice) = (Vec::new(), Vec::new());
         for round in 0..self.args.repeat.max(1) {
-            eprintln!("word count round {}: native baseline", round + 1);
-            let store = tempfile::tempdir()?;
-            let output = format!("words-native-out-{round}");
-            self.broker.create_topic(Topic { name: &output, ..input })?;
-            let group = format!("words-native-{round}");
-            let run = native::wordcount(self.broker, input.name, &output, &group, batching, store.path())?;
-            check_counts(self.broker, &output, counts).context("native word count")?;
-            native.push(run.records as f64 / run.elapsed.as_secs_f64());
+            if self.args.sluice_only {
+                native.push(f64::NAN);
+            } else {
+                eprintln!("word count round {}: native baseline", round + 1);
+                let store = tempfile::tempdir()?;
+                let output = format!("words-native-out-{round}");
+                self.broker.create_topic(Topic { name: &output, ..input })?;
+                let group = format!("words-native-{round}");
+                let run = native::wordcount(self.broker, input.name, &output, &group, batching, store.path())?;
+                check_counts(self.broker, &output, counts).context("native word count")?;
+                native.push(run.records as f64 / run.elapsed.as_secs_f64());
+            }
 
             eprintln!("word count round {}: Sluice", round + 1);
             let checkpoint = tempfile::tempdir()?;

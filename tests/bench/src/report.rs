@@ -114,7 +114,7 @@ impl Report {
         writeln!(out, "Settings: {}.\n", self.settings).unwrap();
         writeln!(out, "| workload | runner | records | records/s | / native |").unwrap();
         writeln!(out, "| --- | --- | ---: | ---: | ---: |").unwrap();
-        let groups = ["ETL", "word count", "Wasm boundary"];
+        let groups = ["ETL", "word count", "ETL plugin alone", "Wasm boundary"];
         let mut rows: Vec<&Row> = self.rows.iter().collect();
         rows.sort_by_key(|row| groups.iter().position(|group| *group == row.group));
         for row in rows {
@@ -171,8 +171,14 @@ impl Report {
         };
         target("ETL ≥ 0.8× native".into(), ratio("ETL", "Sluice"), "×", |v| v >= 0.8);
         target(
-            format!("ETL ≥ 1,000,000 records/s with {} plugin worker(s)", self.parallelism),
+            format!("ETL ≥ 1,000,000 records/s end to end, {} plugin worker(s)", self.parallelism),
             rate("ETL", "Sluice"),
+            " records/s",
+            |v| v >= 1e6,
+        );
+        target(
+            "ETL plugin step ≥ 1,000,000 records/s on one core".into(),
+            rate("ETL plugin alone", "Sluice"),
             " records/s",
             |v| v >= 1e6,
         );

@@ -24,6 +24,8 @@ fn a_small_run_of_every_part_checks_out() {
         "| word count | native baseline",
         "| word count | Sluice",
         "| word count | Quix Streams",
+        "| ETL plugin alone | native",
+        "| ETL plugin alone | Sluice",
         "| Wasm boundary | native",
         "| Wasm boundary | Sluice",
         "| **host overhead**",
