@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use redb::{
     Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
@@ -35,13 +35,16 @@ pub const FILE_NAME: &str = "checkpoint.redb";
 /// for a checkpoint, and a future layout can be told apart.
 const FORMAT: &str = "sluice-checkpoint/1";
 
-/// Small facts: `format`, `state-partitions`, `last-batch`, `pending` (JSON plan).
+/// Small facts: `format`, `state-partitions`, `last-batch`, `pending` (JSON plan),
+/// `touched-index` ("0" when [`TOUCHED`] is not kept; absent or "1" when it is).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (topic, partition) → the offset the next batch starts at.
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 /// key → (batch time of the key's last update, state schema version, state bytes).
 const STATE: TableDefinition<&[u8], (i64, u32, &[u8])> = TableDefinition::new("state");
 /// (batch time of last update, key) → (): finds idle keys without reading the whole state.
+/// Kept only while the job has a state timeout: it is two more writes per touched key, and
+/// is rebuilt from [`STATE`] when a timeout is configured again.
 const TOUCHED: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("state-touched");
 /// (key, batch time) → the key's values of that batch, reduced: one window pane.
 const PANES: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("window-panes");
@@ -182,6 +185,8 @@ pub struct PartitionStats {
 pub struct Checkpoint {
     db: Database,
     path: PathBuf,
+    /// Whether commits keep [`TOUCHED`] up to date.
+    touched_index: bool,
 }
 
 impl Checkpoint {
@@ -195,7 +200,7 @@ impl Checkpoint {
         let fresh = !path.exists();
         let db =
             if fresh { Database::create(&path) } else { Database::open(&path) }.map_err(|e| open_error(&path, e))?;
-        let checkpoint = Checkpoint { db, path };
+        let mut checkpoint = Checkpoint { db, path, touched_index: true };
         if fresh {
             let txn = checkpoint.db.begin_write()?;
             {
@@ -212,9 +217,36 @@ impl Checkpoint {
             }
             txn.commit().with_context(|| format!("cannot initialise checkpoint {}", checkpoint.path.display()))?;
         } else {
-            check_format(&checkpoint.db.begin_read()?, &checkpoint.path)?;
+            let txn = checkpoint.db.begin_read()?;
+            check_format(&txn, &checkpoint.path)?;
+            let flag = txn.open_table(META)?.get("touched-index")?.map(|value| value.value().to_vec());
+            checkpoint.touched_index = flag.as_deref() != Some(b"0");
         }
         Ok(checkpoint)
+    }
+
+    /// Keeps the index of last updates (for `--state-timeout`) from now on, rebuilding it from
+    /// the state if it was not kept, or drops it. Both in one transaction with the flag.
+    pub fn keep_touched_index(&mut self, keep: bool) -> Result<()> {
+        if keep == self.touched_index {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            txn.delete_table(TOUCHED)?;
+            let mut touched = txn.open_table(TOUCHED)?;
+            if keep {
+                for entry in txn.open_table(STATE)?.iter()? {
+                    let (key, value) = entry?;
+                    touched.insert((value.value().0, key.value()), ())?;
+                }
+            }
+            txn.open_table(META)?.insert("touched-index", if keep { b"1".as_slice() } else { b"0".as_slice() })?;
+        }
+        txn.commit().with_context(|| format!("cannot update the state index of {}", self.path.display()))?;
+        tracing::info!("{} the index of last state updates", if keep { "rebuilt" } else { "dropped" });
+        self.touched_index = keep;
+        Ok(())
     }
 
     /// The checkpoint file.
@@ -264,6 +296,7 @@ impl Checkpoint {
 
     /// Every key whose last update was at or before `idle_since`, with its state.
     pub fn idle_keys(&self, idle_since: i64) -> Result<Vec<(Vec<u8>, StoredState)>> {
+        ensure!(self.touched_index, "idle keys asked of {} without its index of last updates", self.path.display());
         let txn = self.db.begin_read()?;
         let touched = txn.open_table(TOUCHED)?;
         let state = txn.open_table(STATE)?;
@@ -334,18 +367,23 @@ impl Checkpoint {
             }
             let mut state = txn.open_table(STATE)?;
             let mut touched = txn.open_table(TOUCHED)?;
+            let index = self.touched_index;
             for write in &changes.state {
                 match write {
                     StateWrite::Put { key, bytes, previous_touched } => {
-                        if let Some(previous) = previous_touched {
-                            touched.remove((*previous, key.as_slice()))?;
+                        if let Some(previous) = previous_touched.filter(|_| index) {
+                            touched.remove((previous, key.as_slice()))?;
                         }
                         state
                             .insert(key.as_slice(), (batch_time, plugin.info.state_schema_version, bytes.as_slice()))?;
-                        touched.insert((batch_time, key.as_slice()), ())?;
+                        if index {
+                            touched.insert((batch_time, key.as_slice()), ())?;
+                        }
                     }
                     StateWrite::Remove { key, previous_touched } => {
-                        touched.remove((*previous_touched, key.as_slice()))?;
+                        if index {
+                            touched.remove((*previous_touched, key.as_slice()))?;
+                        }
                         state.remove(key.as_slice())?;
                     }
                 }
@@ -571,4 +609,52 @@ fn open_error(path: &Path, error: redb::DatabaseError) -> anyhow::Error {
 
 fn i64_from(bytes: &[u8]) -> i64 {
     i64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::PluginInfo;
+
+    fn put(checkpoint: &Checkpoint, batch_time: i64, key: &str, previous_touched: Option<i64>) {
+        let plugin = PluginIdentity {
+            info: PluginInfo { name: "test".into(), version: "1".into(), state_schema_version: 1 },
+            digest: "0".repeat(64),
+        };
+        let state = vec![StateWrite::Put { key: key.into(), bytes: b"1".to_vec(), previous_touched }];
+        let ranges = [OffsetRange { partition: TopicPartition::new("in", 0), from: 0, until: batch_time }];
+        checkpoint
+            .commit(batch_time, &ranges, &BatchChanges { state, ..BatchChanges::default() }, &plugin, &[])
+            .unwrap();
+    }
+
+    fn idle(checkpoint: &Checkpoint, since: i64) -> Vec<String> {
+        let idle = checkpoint.idle_keys(since).unwrap();
+        idle.into_iter().map(|(key, _)| String::from_utf8(key).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_index_of_last_updates_is_rebuilt_when_a_timeout_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut checkpoint = Checkpoint::open(dir.path(), 1).unwrap();
+        put(&checkpoint, 100, "a", None);
+        put(&checkpoint, 200, "b", None);
+        assert_eq!(idle(&checkpoint, 150), ["a"]);
+
+        // Without a timeout the index is dropped and no longer kept...
+        checkpoint.keep_touched_index(false).unwrap();
+        put(&checkpoint, 300, "a", Some(100));
+        put(&checkpoint, 300, "c", None);
+        assert!(checkpoint.idle_keys(1_000).is_err(), "no index to answer from");
+        drop(checkpoint);
+
+        // ...and a later run with a timeout rebuilds it from the state, which survives reopening.
+        let mut checkpoint = Checkpoint::open(dir.path(), 1).unwrap();
+        assert!(checkpoint.idle_keys(1_000).is_err(), "the file remembers the index is not kept");
+        checkpoint.keep_touched_index(true).unwrap();
+        assert_eq!(idle(&checkpoint, 250), ["b"]);
+        assert_eq!(idle(&checkpoint, 300), ["b", "a", "c"]);
+        put(&checkpoint, 400, "b", Some(200));
+        assert_eq!(idle(&checkpoint, 350), ["a", "c"]);
+    }
 }

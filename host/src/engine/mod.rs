@@ -728,7 +728,9 @@ fn open_checkpoint(
     plugin: &PluginRuntime,
     instance: &mut PluginInstance,
 ) -> Result<(JobCheckpoint, BTreeMap<TopicPartition, i64>)> {
-    let store = Arc::new(Checkpoint::open(dir, job.parallelism as u32)?);
+    let mut store = Checkpoint::open(dir, job.parallelism as u32)?;
+    store.keep_touched_index(job.state_timeout.is_some())?;
+    let store = Arc::new(store);
     let Resume { offsets, last_batch, pending, last_plugin, has_state } = store.resume()?;
     let info = &plugin.identity().info;
     if let Some(last) = last_plugin.filter(|_| has_state) {

@@ -3,7 +3,7 @@
 //! that have new values (plus those timing out), call `update` once per state partition, and
 //! turn the answers into checkpoint writes and outputs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 
@@ -30,16 +30,16 @@ struct StateTask {
 }
 
 impl StateStep<'_> {
-    /// Migrates the states in `prior` written under an older state schema version to the
-    /// plugin's, with one `migrate` call per old version: lazily, as keys are touched.
-    fn migrate(
+    /// Migrates the `states` written under an older state schema version to the plugin's,
+    /// with one `migrate` call per old version: lazily, as keys are touched.
+    fn migrate<'s>(
         &self,
         instances: &mut [PluginInstance],
-        prior: &mut BTreeMap<Vec<u8>, Option<StoredState>>,
+        states: impl Iterator<Item = &'s mut StoredState>,
     ) -> Result<()> {
         let current = self.runtime.identity().info.state_schema_version;
         let mut outdated: BTreeMap<u32, Vec<&mut StoredState>> = BTreeMap::new();
-        for stored in prior.values_mut().flatten().filter(|stored| stored.schema != current) {
+        for stored in states.filter(|stored| stored.schema != current) {
             outdated.entry(stored.schema).or_default().push(stored);
         }
         for (from, states) in outdated {
@@ -72,24 +72,33 @@ impl StateStep<'_> {
         let shuffled = shuffle(values, self.partitions);
         let shuffled_at = started.elapsed();
         let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
-        let mut prior =
-            keys.iter().map(|key| key.to_vec()).zip(self.checkpoint.read_state(&keys)?).collect::<BTreeMap<_, _>>();
-        let mut timing_out: Vec<BTreeSet<Vec<u8>>> = vec![BTreeSet::new(); self.partitions as usize];
+        // In the order of `keys`: the groups' own order, so no lookup by key is needed.
+        let mut stored = self.checkpoint.read_state(&keys)?.into_iter();
+        let mut idle: Vec<Vec<(Vec<u8>, StoredState)>> = vec![Vec::new(); self.partitions as usize];
         if let Some(timeout) = self.timeout_ms {
-            for (key, stored) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
+            for (key, state) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
                 let partition = state_partition(&key, self.partitions) as usize;
                 if !shuffled[partition].contains_key(&key) {
-                    timing_out[partition].insert(key.clone());
-                    prior.insert(key, Some(stored));
+                    idle[partition].push((key, state));
                 }
             }
         }
+        // Per state partition: (key, new values, prior state, timing out), groups in key order
+        // first, then the keys timing out.
+        let mut entries: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>, Option<StoredState>, bool)>> = shuffled
+            .into_iter()
+            .zip(idle)
+            .map(|(groups, idle)| {
+                let groups = groups.into_iter().map(|(key, values)| (key, values, stored.next().flatten(), false));
+                groups.chain(idle.into_iter().map(|(key, state)| (key, Vec::new(), Some(state), true))).collect()
+            })
+            .collect();
         let read_at = started.elapsed();
-        self.migrate(instances, &mut prior)?;
+        self.migrate(instances, entries.iter_mut().flatten().filter_map(|(_, _, stored, _)| stored.as_mut()))?;
 
         let mut tasks = Vec::new();
-        for (partition, (groups, idle)) in shuffled.into_iter().zip(timing_out).enumerate() {
-            if groups.is_empty() && idle.is_empty() {
+        for (partition, entries) in entries.into_iter().enumerate() {
+            if entries.is_empty() {
                 continue;
             }
             let mut task = StateTask {
@@ -100,13 +109,10 @@ impl StateStep<'_> {
                     until_offset: 0,
                     batch_time: self.batch_time,
                 },
-                groups: Vec::with_capacity(groups.len() + idle.len()),
-                previous_touched: Vec::with_capacity(groups.len() + idle.len()),
+                groups: Vec::with_capacity(entries.len()),
+                previous_touched: Vec::with_capacity(entries.len()),
             };
-            let entries = groups.into_iter().map(|(key, values)| (key, values, false));
-            let idle = idle.into_iter().map(|key| (key, Vec::new(), true));
-            for (key, values, timing_out) in entries.chain(idle) {
-                let stored = prior.remove(&key).flatten();
+            for (key, values, stored, timing_out) in entries {
                 task.previous_touched.push(stored.as_ref().map(|stored| stored.touched));
                 task.groups.push(KeyGroup { key, values, state: stored.map(|stored| stored.bytes), timing_out });
             }

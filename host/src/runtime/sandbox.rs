@@ -26,7 +26,7 @@ const OUTPUT_PER_CALL: usize = 64 * 1024;
 /// How a plugin call's CPU time is bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuLimit {
-    /// Wall-clock deadline by epoch interruption (the default; see docs/benchmarks.md for why).
+    /// Wall-clock deadline by epoch interruption (the default; see docs/BENCHMARKS.md for why).
     Epoch,
     /// A budget of fuel (roughly, Wasm instructions) per call.
     Fuel(u64),
