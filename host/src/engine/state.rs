@@ -22,6 +22,14 @@ pub struct StateStep<'a> {
     pub batch_time: i64,
 }
 
+/// One key on its way to `update`: its new values, its prior state, whether it is timing out.
+struct Entry {
+    key: Vec<u8>,
+    values: Vec<Vec<u8>>,
+    stored: Option<StoredState>,
+    timing_out: bool,
+}
+
 /// One state partition's call: its groups and, per group, when the key was last updated.
 struct StateTask {
     context: BatchContext,
@@ -83,18 +91,28 @@ impl StateStep<'_> {
                 }
             }
         }
-        // Per state partition: (key, new values, prior state, timing out), groups in key order
-        // first, then the keys timing out.
-        let mut entries: Vec<Vec<(Vec<u8>, Vec<Vec<u8>>, Option<StoredState>, bool)>> = shuffled
+        // Per state partition: the groups in key order, then the keys timing out.
+        let mut entries: Vec<Vec<Entry>> = shuffled
             .into_iter()
             .zip(idle)
             .map(|(groups, idle)| {
-                let groups = groups.into_iter().map(|(key, values)| (key, values, stored.next().flatten(), false));
-                groups.chain(idle.into_iter().map(|(key, state)| (key, Vec::new(), Some(state), true))).collect()
+                let groups = groups.into_iter().map(|(key, values)| Entry {
+                    key,
+                    values,
+                    stored: stored.next().flatten(),
+                    timing_out: false,
+                });
+                let idle = idle.into_iter().map(|(key, state)| Entry {
+                    key,
+                    values: Vec::new(),
+                    stored: Some(state),
+                    timing_out: true,
+                });
+                groups.chain(idle).collect()
             })
             .collect();
         let read_at = started.elapsed();
-        self.migrate(instances, entries.iter_mut().flatten().filter_map(|(_, _, stored, _)| stored.as_mut()))?;
+        self.migrate(instances, entries.iter_mut().flatten().filter_map(|entry| entry.stored.as_mut()))?;
 
         let mut tasks = Vec::new();
         for (partition, entries) in entries.into_iter().enumerate() {
@@ -112,7 +130,7 @@ impl StateStep<'_> {
                 groups: Vec::with_capacity(entries.len()),
                 previous_touched: Vec::with_capacity(entries.len()),
             };
-            for (key, values, stored, timing_out) in entries {
+            for Entry { key, values, stored, timing_out } in entries {
                 task.previous_touched.push(stored.as_ref().map(|stored| stored.touched));
                 task.groups.push(KeyGroup { key, values, state: stored.map(|stored| stored.bytes), timing_out });
             }
