@@ -87,12 +87,12 @@ impl Report {
         let settings = format!(
             "{} ETL lines in {} partitions; {} word-count lines of 8 words over {} distinct words in {} \
              partitions; batches of {} records, interval {} ms; {} plugin worker(s); median of {} alternating runs",
-            args.records,
+            thousands(args.records as f64),
             args.etl_partitions,
-            args.word_lines,
-            args.vocabulary,
+            thousands(args.word_lines as f64),
+            thousands(args.vocabulary as f64),
             crate::WORD_PARTITIONS,
-            args.batch_records,
+            thousands(args.batch_records as f64),
             args.interval.as_millis(),
             args.parallelism,
             args.repeat.max(1)
@@ -135,13 +135,13 @@ impl Report {
                 out,
                 "\nPer-batch host overhead, ETL job with a checkpoint, {} ms interval, {} records per batch, {} batches:\n",
                 overhead.interval.as_millis(),
-                overhead.records_per_batch,
+                thousands(overhead.records_per_batch as f64),
                 overhead.batches
             )
             .unwrap();
             writeln!(out, "| per batch | p50 | p99 |\n| --- | ---: | ---: |").unwrap();
             for (name, (p50, p99)) in [
-                ("scheduling delay", overhead.scheduling),
+                ("scheduling delay (whole milliseconds)", overhead.scheduling),
                 ("planning (offsets, checkpoint plan)", overhead.plan),
                 ("commit (checkpoint, consumer group)", overhead.commit),
                 ("**host overhead** (the three above)", overhead.total),
@@ -252,6 +252,6 @@ pub fn write_into(path: &Path, text: &str) -> Result<()> {
     let (Some(begin), Some(end)) = (document.find(BEGIN), document.find(END)) else {
         bail!("{} has no generated section (the lines `{BEGIN}` and `{END}`)", path.display());
     };
-    let updated = format!("{}{BEGIN}\n{text}{}", &document[..begin], &document[end..]);
+    let updated = format!("{}{BEGIN}\n{text}\n{}", &document[..begin], &document[end..]);
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }
