@@ -24,6 +24,11 @@ use sluice_sdk::Transform as _;
 use kafka::{Broker, Topic};
 use report::{Overhead, Report, Row};
 
+/// The allocator of the `host` binary, so that the engine runs here as it runs there (the
+/// baselines share it: they run in this process).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks Sluice against a native baseline and Quix Streams on the embedded mock cluster.
 #[derive(Parser, Debug)]
 struct Args {
@@ -57,7 +62,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
     /// Runs of each Sluice/native pair, alternating; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Batches of the 50 ms overhead run.
     #[arg(long, default_value_t = 100)]
@@ -259,7 +264,7 @@ impl Bench<'_> {
                     self.broker.committed(&group, input.name)? == ends,
                     "native ETL: offsets not committed to the end"
                 );
-                native.push(run.records as f64 / run.elapsed.as_secs_f64());
+                native.push(rate(run.records, run.elapsed));
             }
 
             eprintln!("ETL round {}: Sluice", round + 1);
@@ -270,7 +275,7 @@ impl Bench<'_> {
             ensure!(run.summary.rejected == self.args.records - valid, "Sluice ETL: wrong rejection count");
             ensure!(self.broker.count(&output)? == valid, "Sluice ETL: wrong output count in the topic");
             ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not committed to the end");
-            sluice.push(run.summary.records_in as f64 / run.elapsed.as_secs_f64());
+            sluice.push(rate(run.summary.records_in, run.elapsed));
         }
         Ok((median(native), median(sluice)))
     }
@@ -290,7 +295,7 @@ impl Bench<'_> {
                 let group = format!("words-native-{round}");
                 let run = native::wordcount(self.broker, input.name, &output, &group, batching, store.path())?;
                 check_counts(self.broker, &output, counts).context("native word count")?;
-                native.push(run.records as f64 / run.elapsed.as_secs_f64());
+                native.push(rate(run.records, run.elapsed));
             }
 
             eprintln!("word count round {}: Sluice", round + 1);
@@ -302,7 +307,7 @@ impl Bench<'_> {
             flags.extend(["--checkpoint".into(), checkpoint.path().display().to_string()]);
             let run = sluice::run(&flags)?;
             check_counts(self.broker, &output, counts).context("Sluice word count")?;
-            sluice.push(run.summary.records_in as f64 / run.elapsed.as_secs_f64());
+            sluice.push(rate(run.summary.records_in, run.elapsed));
         }
         Ok((median(native), median(sluice)))
     }
@@ -370,6 +375,13 @@ fn check_counts(broker: &Broker, topic: &str, counts: &HashMap<String, u64>) -> 
         ensure!(found == Some(&expected), "word {word}: latest output {found:?}, expected {expected}");
     }
     Ok(())
+}
+
+/// Records per second of one run, also shown on the terminal (the report keeps the median).
+fn rate(records: u64, elapsed: Duration) -> f64 {
+    let rate = records as f64 / elapsed.as_secs_f64();
+    eprintln!("  {records} records in {:.0} ms: {rate:.0} records/s", elapsed.as_secs_f64() * 1e3);
+    rate
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
