@@ -283,6 +283,7 @@ impl Bench<'_> {
     /// Word count with a checkpoint every batch, native and Sluice; state checked exactly.
     fn wordcount_pair(&self, input: Topic<'_>, counts: &HashMap<String, u64>) -> Result<(f64, f64)> {
         let batching = self.batching(input);
+        let ends = self.broker.log_ends(input.name)?;
         let (mut native, mut sluice) = (Vec::new(), Vec::new());
         for round in 0..self.args.repeat.max(1) {
             if self.args.sluice_only {
@@ -295,6 +296,10 @@ impl Bench<'_> {
                 let group = format!("words-native-{round}");
                 let run = native::wordcount(self.broker, input.name, &output, &group, batching, store.path())?;
                 check_counts(self.broker, &output, counts).context("native word count")?;
+                ensure!(
+                    self.broker.committed(&group, input.name)? == ends,
+                    "native word count: offsets not at the end"
+                );
                 native.push(rate(run.records, run.elapsed));
             }
 
@@ -307,6 +312,7 @@ impl Bench<'_> {
             flags.extend(["--checkpoint".into(), checkpoint.path().display().to_string()]);
             let run = sluice::run(&flags)?;
             check_counts(self.broker, &output, counts).context("Sluice word count")?;
+            ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice word count: offsets not at the end");
             sluice.push(rate(run.summary.records_in, run.elapsed));
         }
         Ok((median(native), median(sluice)))
