@@ -145,15 +145,16 @@ fn main() -> Result<()> {
         eprintln!("loading {} ETL lines", args.records);
         let etl_in = Topic { name: "etl-in", partitions: args.etl_partitions };
         broker.load(etl_in, args.records, input::etl_line)?;
-        (native_etl, sluice_etl) = bench.etl_pair(etl_in)?;
-        report.rows.push(Row::new("ETL", "native baseline (rdkafka, no Wasm)", args.records, native_etl, native_etl));
-        report.rows.push(Row::new(
-            "ETL",
-            "Sluice (`host run --plugin etl.wasm`)",
-            args.records,
-            sluice_etl,
-            native_etl,
-        ));
+        let unbounded;
+        (native_etl, sluice_etl, unbounded) = bench.etl_pair(etl_in)?;
+        let rows = [
+            ("native baseline (rdkafka, no Wasm)", native_etl),
+            ("Sluice (`host run --plugin etl.wasm`)", sluice_etl),
+            ("Sluice with `--task-deadline off`", unbounded),
+        ];
+        for (runner, rate) in rows {
+            report.rows.push(Row::new("ETL", runner, args.records, rate, native_etl));
+        }
     }
     if wants(Part::Wordcount) {
         eprintln!("loading {} word-count lines", args.word_lines);
@@ -245,12 +246,13 @@ impl Bench<'_> {
         .collect()
     }
 
-    /// ETL through the native baseline and through Sluice, alternating; median records/s.
-    fn etl_pair(&self, input: Topic<'_>) -> Result<(f64, f64)> {
+    /// ETL through the native baseline, through Sluice, and through Sluice with unbounded
+    /// plugin calls (no epoch checks), alternating; median records/s of each.
+    fn etl_pair(&self, input: Topic<'_>) -> Result<(f64, f64, f64)> {
         let valid = input::etl_valid_count(self.args.records);
         let ends = self.broker.log_ends(input.name)?;
         let batching = self.batching(input);
-        let (mut native, mut sluice) = (Vec::new(), Vec::new());
+        let (mut native, mut sluice, mut unbounded) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..self.args.repeat.max(1) {
             if self.args.sluice_only {
                 native.push(f64::NAN);
@@ -267,17 +269,25 @@ impl Bench<'_> {
                 native.push(rate(run.records, run.elapsed));
             }
 
-            eprintln!("ETL round {}: Sluice", round + 1);
-            let (output, group) = (format!("etl-sluice-out-{round}"), format!("etl-sluice-{round}"));
-            self.broker.create_topic(Topic { name: &output, ..input })?;
-            let run = sluice::run(&self.flags(sluice_plugin_artifacts::ETL, batching, input.name, &output, &group))?;
-            ensure!(run.summary.outputs == valid, "Sluice ETL: {} outputs, expected {valid}", run.summary.outputs);
-            ensure!(run.summary.rejected == self.args.records - valid, "Sluice ETL: wrong rejection count");
-            ensure!(self.broker.count(&output)? == valid, "Sluice ETL: wrong output count in the topic");
-            ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not committed to the end");
-            sluice.push(rate(run.summary.records_in, run.elapsed));
+            for (deadline, rates) in [(None, &mut sluice), (Some("off"), &mut unbounded)] {
+                eprintln!("ETL round {}: Sluice{}", round + 1, if deadline.is_some() { ", no deadline" } else { "" });
+                let suffix = if deadline.is_some() { "-off" } else { "" };
+                let (output, group) =
+                    (format!("etl-sluice{suffix}-out-{round}"), format!("etl-sluice{suffix}-{round}"));
+                self.broker.create_topic(Topic { name: &output, ..input })?;
+                let mut flags = self.flags(sluice_plugin_artifacts::ETL, batching, input.name, &output, &group);
+                if let Some(deadline) = deadline {
+                    flags.extend(["--task-deadline".to_string(), deadline.to_string()]);
+                }
+                let run = sluice::run(&flags)?;
+                ensure!(run.summary.outputs == valid, "Sluice ETL: {} outputs, expected {valid}", run.summary.outputs);
+                ensure!(run.summary.rejected == self.args.records - valid, "Sluice ETL: wrong rejection count");
+                ensure!(self.broker.count(&output)? == valid, "Sluice ETL: wrong output count in the topic");
+                ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not at the end");
+                rates.push(rate(run.summary.records_in, run.elapsed));
+            }
         }
-        Ok((median(native), median(sluice)))
+        Ok((median(native), median(sluice), median(unbounded)))
     }
 
     /// Word count with a checkpoint every batch, native and Sluice; state checked exactly.

@@ -19,7 +19,8 @@ fn a_small_run_of_every_part_checks_out() {
     assert!(output.status.success(), "sluice-bench failed:\n{stderr}\n{stdout}");
     for row in [
         "| ETL | native baseline",
-        "| ETL | Sluice",
+        "| ETL | Sluice (`host run",
+        "| ETL | Sluice with `--task-deadline off`",
         "| ETL | Quix Streams",
         "| word count | native baseline",
         "| word count | Sluice",
