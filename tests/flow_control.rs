@@ -75,18 +75,18 @@ async fn backpressure_shrinks_batches_to_fit_the_interval_and_grows_them_back() 
     job.rate = RateLimits { initial_rate: Some(5_000.0), backpressure: Some(100.0), max_rate_per_partition: None };
     let (summary, reports) = run_observed(job, |_| {}).await;
     assert_eq!(summary.records_in, 24_000);
-    let trace: Vec<(usize, u128)> = reports.iter().map(|r| (r.records_in, r.processing.as_millis())).collect();
+    let trace: Vec<(usize, u128)> = reports.iter().map(|r| (r.records_in, r.processing().as_millis())).collect();
 
     let sizes: Vec<usize> = reports.iter().map(|r| r.records_in).collect();
     let interval = Duration::from_millis(200);
     // The cold start takes 1 000 slow records and overruns the interval...
     assert_eq!(sizes[0], 1_000);
-    assert!(reports[0].processing > interval, "{:?}", reports[0].processing);
+    assert!(reports[0].processing() > interval, "{:?}", reports[0].processing());
     // ...then the estimate brings batches down until a slow batch fits the interval...
     let smallest = *sizes.iter().min().unwrap();
     assert!(smallest < sizes[0] / 2, "batch sizes never shrank: {trace:?}");
     assert!(
-        reports.iter().any(|r| r.records_in > 0 && r.records_in < sizes[0] && r.processing <= interval),
+        reports.iter().any(|r| r.records_in > 0 && r.records_in < sizes[0] && r.processing() <= interval),
         "no batch fit the interval: {trace:?}",
     );
     // ...and once the records are fast, batches grow well past the slow ones.

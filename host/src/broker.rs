@@ -15,12 +15,18 @@ impl DevBroker {
     /// created on first use with the mock cluster's default of 4 partitions.
     pub fn start(brokers: i32, topics: &[(String, i32)]) -> Result<DevBroker> {
         let cluster = MockCluster::new(brokers).context("cannot start the mock Kafka cluster")?;
+        let broker = DevBroker { cluster };
         for (topic, partitions) in topics {
-            cluster
-                .create_topic(topic, *partitions, 1)
-                .with_context(|| format!("cannot create topic `{topic}` with {partitions} partitions"))?;
+            broker.create_topic(topic, *partitions)?;
         }
-        Ok(DevBroker { cluster })
+        Ok(broker)
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        self.cluster
+            .create_topic(topic, partitions, 1)
+            .with_context(|| format!("cannot create topic `{topic}` with {partitions} partitions"))
     }
 
     /// The address clients connect to, e.g. `127.0.0.1:40123`.

@@ -150,7 +150,7 @@ impl RateController {
     pub fn batch_completed(&mut self, now_ms: i64, report: &BatchReport) {
         self.batches += 1;
         if let Some(estimator) = &mut self.estimator {
-            let processing = report.processing.as_millis() as i64;
+            let processing = report.processing().as_millis() as i64;
             let scheduling = report.scheduling_delay.as_millis() as i64;
             if let Some(rate) = estimator.compute(now_ms, report.records_in as u64, processing, scheduling) {
                 self.estimate = Some(rate);
@@ -162,6 +162,7 @@ impl RateController {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::BatchPhases;
 
     const TWO_SECONDS: Duration = Duration::from_secs(2);
 
@@ -244,9 +245,8 @@ mod tests {
             rejected: 0,
             dead_letters: 0,
             skipped: 0,
-            processing: Duration::from_millis(50),
             scheduling_delay: Duration::ZERO,
-            phases: Default::default(),
+            phases: BatchPhases { plugin: Duration::from_millis(50), ..BatchPhases::default() },
             caught_up: false,
             rate: Some(50.0),
         };

@@ -21,12 +21,6 @@ pub fn shuffle(values: Vec<Vec<KeyedValue>>, partitions: u32) -> Vec<Groups> {
         let partition = state_partition(&value.key, partitions) as usize;
         grouped[partition].entry(value.key).or_default().push(value.value);
     }
-    grouped
-        .into_iter()
-        .map(|groups| {
-            let mut groups: Vec<(Vec<u8>, Vec<Vec<u8>>)> = groups.into_iter().collect();
-            groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            groups.into_iter().collect()
-        })
-        .collect()
+    // Collecting into a BTreeMap sorts once and builds the tree in bulk.
+    grouped.into_iter().map(|groups| groups.into_iter().collect()).collect()
 }

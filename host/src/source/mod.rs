@@ -177,7 +177,8 @@ impl KafkaSource {
         // The consumer fetches a partition only once it knows the partition's leader, and it
         // learns that from its own metadata request: asked now, so that its first fetch does
         // not wait for a lazy refresh (which took a second in the benchmarks).
-        let topics: BTreeSet<&str> = self.cursors.keys().map(|partition| partition.topic.as_str()).collect();
+        let elements = assignment.elements();
+        let topics: BTreeSet<&str> = elements.iter().map(|element| element.topic()).collect();
         for topic in topics {
             if let Err(error) = self.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT) {
                 tracing::debug!("metadata of {topic} not fetched ahead of assigning it: {error}");

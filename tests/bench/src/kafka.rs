@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use sluice_host::broker::DevBroker;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -26,14 +26,14 @@ pub struct Topic<'a> {
     pub partitions: i32,
 }
 
-/// librdkafka's mock cluster, in this process, on a loopback port.
+/// `host dev-broker`'s mock cluster, in this process, on a loopback port.
 pub struct Broker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    cluster: DevBroker,
 }
 
 impl Broker {
     pub fn start() -> Result<Broker> {
-        Ok(Broker { cluster: MockCluster::new(1).context("cannot start the mock cluster")? })
+        Ok(Broker { cluster: DevBroker::start(1, &[])? })
     }
 
     pub fn bootstrap(&self) -> String {
@@ -49,9 +49,7 @@ impl Broker {
     }
 
     pub fn create_topic(&self, topic: Topic<'_>) -> Result<()> {
-        self.cluster
-            .create_topic(topic.name, topic.partitions, 1)
-            .with_context(|| format!("cannot create topic {}", topic.name))
+        self.cluster.create_topic(topic.name, topic.partitions)
     }
 
     /// Creates `topic` and fills it with `count` lines, line `n` in partition `n % partitions`.

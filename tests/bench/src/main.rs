@@ -22,7 +22,7 @@ use clap::Parser;
 use sluice_sdk::Transform as _;
 
 use kafka::{Broker, Topic};
-use report::{Overhead, Report, Row};
+use report::{Overhead, Report, Row, median};
 
 /// The allocator of the `host` binary, so that the engine runs here as it runs there (the
 /// baselines share it: they run in this process).
@@ -149,7 +149,7 @@ fn main() -> Result<()> {
         (native_etl, sluice_etl, unbounded) = bench.etl_pair(etl_in)?;
         let rows = [
             ("native baseline (rdkafka, no Wasm)", native_etl),
-            ("Sluice (`host run --plugin etl.wasm`)", sluice_etl),
+            (report::SLUICE_ETL, sluice_etl),
             ("Sluice with `--task-deadline off`", unbounded),
         ];
         for (runner, rate) in rows {
@@ -162,7 +162,7 @@ fn main() -> Result<()> {
         broker.load(words_in, args.word_lines, |n| input::word_line(n, args.vocabulary))?;
         let counts = input::word_counts(args.word_lines, args.vocabulary);
         (native_words, sluice_words) = bench.wordcount_pair(words_in, &counts)?;
-        let rows = [("native baseline (redb)", native_words), ("Sluice (wordcount.wasm)", sluice_words)];
+        let rows = [("native baseline (redb)", native_words), (report::SLUICE_WORDCOUNT, sluice_words)];
         for (runner, rate) in rows {
             report.rows.push(Row::new("word count", runner, args.word_lines, rate, native_words));
         }
@@ -183,7 +183,7 @@ fn main() -> Result<()> {
         let valid = input::etl_valid_count(records) as usize;
         let step = boundary::compare(sluice_plugin_artifacts::ETL_WASM, etl, valid, 15)?;
         report.rows.push(Row::new("ETL plugin alone", "native", records, step.native, step.native));
-        report.rows.push(Row::new("ETL plugin alone", "Sluice sandbox (etl.wasm)", records, step.wasm, step.native));
+        report.rows.push(Row::new("ETL plugin alone", report::SLUICE_ETL_PLUGIN, records, step.wasm, step.native));
         let busy = busy::Busy::init(busy::Config { work_per_record: 0 }).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let boundary = boundary::compare(sluice_plugin_artifacts::BUSY_WASM, busy, records as usize, 15)?;
         report.rows.push(Row::new("Wasm boundary", "native pass-through", records, boundary.native, boundary.native));
@@ -398,9 +398,4 @@ fn rate(records: u64, elapsed: Duration) -> f64 {
     let rate = records as f64 / elapsed.as_secs_f64();
     eprintln!("  {records} records in {:.0} ms: {rate:.0} records/s", elapsed.as_secs_f64() * 1e3);
     rate
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }

@@ -82,35 +82,40 @@ impl BatchReader {
                 (context, records)
             })
             .collect();
-        for p in 0..tasks.len() {
-            if self.ahead[p].is_empty() {
-                self.consumer.resume(&self.partition_list(p))?;
-            }
-        }
-        // A range is complete once a record at or past its end arrived, or its last offset did.
-        let complete = |ahead: &[Vec<Record>], tasks: &[(BatchContext, Vec<Record>)]| {
-            (0..tasks.len()).all(|p| {
-                let (context, records) = &tasks[p];
-                !ahead[p].is_empty()
-                    || records.last().map_or(context.from_offset, |r| r.offset + 1) >= context.until_offset
+        // A range is complete once its last offset, or a record past its end, has arrived.
+        let mut pending: Vec<bool> = tasks
+            .iter()
+            .zip(&self.ahead)
+            .map(|((context, records), ahead)| {
+                ahead.is_empty() && records.last().map_or(context.from_offset, |r| r.offset + 1) < context.until_offset
             })
-        };
+            .collect();
+        for (p, _) in pending.iter().enumerate().filter(|(_, pending)| **pending) {
+            self.consumer.resume(&self.partition_list(p))?;
+        }
+        let mut left = pending.iter().filter(|pending| **pending).count();
         let deadline = Instant::now() + TIMEOUT;
-        while !complete(&self.ahead, &tasks) {
-            if Instant::now() > deadline {
-                bail!("the batch's records did not arrive within {TIMEOUT:?}");
-            }
-            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else { continue };
-            let record = record(&message?);
-            let p = record.0;
-            if record.1.offset < until[p] {
-                tasks[p].1.push(record.1);
+        while left > 0 {
+            let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
+                if Instant::now() > deadline {
+                    bail!("the batch's records did not arrive within {TIMEOUT:?}");
+                }
+                continue;
+            };
+            let (p, record) = record(&message?);
+            let offset = record.offset;
+            if offset < until[p] {
+                tasks[p].1.push(record);
             } else {
                 if self.ahead[p].is_empty() {
                     // Fetching further ahead would only buffer records: pause until needed.
                     self.consumer.pause(&self.partition_list(p))?;
                 }
-                self.ahead[p].push(record.1);
+                self.ahead[p].push(record);
+            }
+            if pending[p] && offset + 1 >= until[p] {
+                pending[p] = false;
+                left -= 1;
             }
         }
         self.next = until;

@@ -2,17 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
-use sluice_host::config::{JobConfig, JobOptions};
+use sluice_host::cli::{Cli, Command};
+use sluice_host::config::JobConfig;
 use sluice_host::engine::{BatchReport, Engine, RunSummary, Shutdown};
-
-/// `host run`'s flags, parsed as the `host` binary parses them.
-#[derive(clap::Parser)]
-struct RunFlags {
-    #[command(flatten)]
-    job: JobOptions,
-}
 
 /// What a Sluice run did.
 pub struct SluiceRun {
@@ -26,10 +20,12 @@ pub struct SluiceRun {
 
 /// Runs a job given as `host run` flags to its end.
 pub fn run(flags: &[String]) -> Result<SluiceRun> {
-    let options = RunFlags::try_parse_from(std::iter::once("host run".to_string()).chain(flags.iter().cloned()))
-        .context("bad host run flags")?
-        .job;
-    let job = JobConfig::from_options(options)?;
+    // Parsed by the `host` binary's own command line.
+    let command = ["host", "run"].into_iter().map(String::from).chain(flags.iter().cloned());
+    let Command::Run(args) = Cli::try_parse_from(command).context("bad host run flags")?.command else {
+        bail!("not a run command");
+    };
+    let job = JobConfig::from_options(args.options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let engine = tokio::task::block_in_place(|| Engine::start(job))?;
