@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use sluice_host::config::{JobConfig, Topics};
-use sluice_host::source::{AutoOffsetReset, TopicPartition};
+use sluice_host::offsets::{AutoOffsetReset, TopicPartition};
 
 use crate::harness::etl_case;
 use crate::mock_kafka::{MockKafka, Record, run};

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::error::RDKafkaErrorCode;
+use sluice_host::broker::Api;
 use sluice_host::config::{RateLimits, Topics};
 use sluice_host::engine::{Engine, Shutdown};
-use sluice_host::source::TopicPartition;
+use sluice_host::offsets::TopicPartition;
 
 use crate::harness::{self, BrokerProcess, run_host};
 use crate::mock_kafka::{MockKafka, Record, run, run_observed};
@@ -99,7 +100,7 @@ async fn a_topic_created_while_running_under_the_pattern_is_consumed() {
     let kafka = MockKafka::new();
     let prefix = harness::unique("disc");
     let first = format!("{prefix}-a");
-    kafka.cluster.create_topic(&first, 2, 1).unwrap();
+    kafka.cluster.create_topic(&first, 2).unwrap();
     let input = values("a", 10);
     kafka.produce(&first, &records(&input, 2));
 
@@ -119,7 +120,7 @@ async fn a_topic_created_while_running_under_the_pattern_is_consumed() {
             seen += report.records_in;
             if !created {
                 // After the first batch: a new matching topic appears, with records in it.
-                kafka.cluster.create_topic(&second, 3, 1).unwrap();
+                kafka.cluster.create_topic(&second, 3).unwrap();
                 kafka.produce(&second, &records(&later, 3));
                 created = true;
             }
@@ -142,10 +143,8 @@ async fn failed_group_commits_are_retried_and_never_stop_the_job() {
     let topic = kafka.topic("commits", 1);
     let first = values("a", 5);
     kafka.produce(&topic, &records(&first, 1));
-    // Enough failures to exhaust one batch's attempts; the next batch's commit covers it.
-    kafka
-        .cluster
-        .request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3]);
+    // Commit failures are retried until --broker-timeout; these are ridden out.
+    kafka.cluster.push_request_errors(Api::OffsetCommit, &[RDKafkaErrorCode::RequestTimedOut; 3]);
 
     let mut job = kafka.job(sluice_plugin_artifacts::BUSY, Topics::Named(vec![topic.clone()]), "commits");
     job.stop_when_caught_up = false;

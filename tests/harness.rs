@@ -14,8 +14,15 @@ use serde::Deserialize;
 pub fn host() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_host"));
     command.env("SLUICE_LOG", "info").env_remove("RUST_LOG");
+    // A killed host's partitions wait this long for it; the tests kill hosts often.
+    command.env("SLUICE_SESSION_TIMEOUT", TEST_SESSION_TIMEOUT);
     command
 }
+
+/// The consumer-group session timeout of every host the tests start: short, so a restart after
+/// a kill waits little for the dead member's partitions, but several heartbeats long, so a busy
+/// machine does not evict a live member.
+pub const TEST_SESSION_TIMEOUT: &str = "4s";
 
 /// A topic or group name no other test uses.
 pub fn unique(name: &str) -> String {

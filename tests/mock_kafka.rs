@@ -1,5 +1,6 @@
-//! In-process Kafka for fast tests: librdkafka's `MockCluster`, with plain librdkafka clients
-//! to produce input and read results back, and a job template for the engine.
+//! In-process Kafka for fast tests: librdkafka's mock cluster (through the host's `DevBroker`,
+//! which exposes its fault API), with plain librdkafka clients to produce input and read
+//! results back, and a job template for the engine.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,12 +8,12 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
-use sluice_host::config::{JobConfig, RateLimits, Topics};
+use sluice_host::broker::DevBroker;
+use sluice_host::config::{JobConfig, JobOptions, Topics};
 use sluice_host::engine::{BatchReport, Engine, RunSummary, Shutdown};
-use sluice_host::source::{AutoOffsetReset, OnOffsetOutOfRange};
+use sluice_host::offsets::AutoOffsetReset;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,12 +42,17 @@ pub struct Consumed {
 }
 
 pub struct MockKafka {
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub cluster: DevBroker,
 }
 
 impl MockKafka {
     pub fn new() -> MockKafka {
-        MockKafka { cluster: MockCluster::new(1).unwrap() }
+        MockKafka::with_brokers(1)
+    }
+
+    /// A cluster of `brokers` brokers (ids 1 to `brokers`).
+    pub fn with_brokers(brokers: i32) -> MockKafka {
+        MockKafka { cluster: DevBroker::start(brokers, &[]).unwrap() }
     }
 
     pub fn brokers(&self) -> String {
@@ -56,7 +62,7 @@ impl MockKafka {
     /// Creates a topic with a name no other test uses.
     pub fn topic(&self, name: &str, partitions: i32) -> String {
         let topic = crate::harness::unique(name);
-        self.cluster.create_topic(&topic, partitions, 1).unwrap();
+        self.cluster.create_topic(&topic, partitions).unwrap();
         topic
     }
 
@@ -141,32 +147,29 @@ impl MockKafka {
 
     /// A backfill job over `topics` with `plugin`: earliest start, stop when caught up.
     pub fn job(&self, plugin: &str, topics: Topics, group: &str) -> JobConfig {
-        JobConfig {
-            plugin: PathBuf::from(plugin),
-            plugin_config: vec![],
-            brokers: self.brokers(),
+        let (topics, topic_pattern) = match topics {
+            Topics::Named(names) => (names, None),
+            Topics::Pattern(pattern) => {
+                let whole = pattern.as_str().trim_start_matches("^(?:").trim_end_matches(")$").to_string();
+                (Vec::new(), Some(whole))
+            }
+        };
+        JobConfig::from_options(JobOptions {
+            plugin: Some(PathBuf::from(plugin)),
+            brokers: Some(self.brokers()),
             topics,
-            group: group.into(),
-            batch_interval: Duration::from_millis(100),
-            output_topic: None,
-            print: None,
-            kafka: vec![],
-            start: BTreeMap::new(),
-            auto_offset_reset: AutoOffsetReset::Earliest,
-            max_batches: None,
+            topic_pattern,
+            group: Some(group.into()),
+            batch_interval: Some(Duration::from_millis(100)),
+            auto_offset_reset: Some(AutoOffsetReset::Earliest),
             stop_when_caught_up: true,
-            parallelism: 2,
-            broker_timeout: TIMEOUT,
-            rate: RateLimits::UNLIMITED,
-            on_offset_out_of_range: OnOffsetOutOfRange::Fail,
-            checkpoint: None,
-            state_timeout: None,
-            window: None,
-            sandbox: Default::default(),
-            failure: Default::default(),
-            admin_address: sluice_host::config::DEFAULT_ADMIN_ADDRESS,
-            postgres: None,
-        }
+            parallelism: Some(2),
+            broker_timeout: Some(TIMEOUT),
+            session_timeout: Some(humantime::parse_duration(crate::harness::TEST_SESSION_TIMEOUT).unwrap()),
+            instance_id: Some("test".into()),
+            ..JobOptions::default()
+        })
+        .unwrap()
     }
 }
 

@@ -139,13 +139,13 @@ fn an_unreachable_database_is_retried_then_the_job_exits_and_nothing_is_committe
         ])
         .args(["--postgres", &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1")]);
     let run = run_host(&mut command, LIMIT);
-    run.assert_error(&["cannot connect to PostgreSQL: gave up after 2s"]);
-    assert!(run.stderr().contains("cannot connect to PostgreSQL (attempt 1)"), "{}", run.stderr());
+    run.assert_error(&["PostgreSQL unreachable: gave up after 2s", "cannot connect to PostgreSQL"]);
+    assert!(run.stderr().contains("(PostgreSQL, attempt 1)"), "{}", run.stderr());
     assert!(offsets(&broker.brokers, &topic, &group).values().all(|o| o.committed.is_none()));
 }
 
 #[test]
-fn a_row_that_breaks_a_constraint_fails_its_batch_naming_the_constraint() {
+fn a_row_that_breaks_a_constraint_halts_by_default_naming_the_constraint() {
     let pg = PgServer::start();
     pg.psql("CREATE TABLE orders (name text NOT NULL, orderid bigint NOT NULL CONSTRAINT positive_orderid CHECK (orderid > 0))");
     let topic = unique("orders");
@@ -155,7 +155,7 @@ fn a_row_that_breaks_a_constraint_fails_its_batch_naming_the_constraint() {
     produce(&broker.brokers, &topic, &inputs);
     let group = unique("orders");
     let run = run_host(&mut orders_job(&pg, &broker.brokers, &topic, &group, "transactional"), LIMIT);
-    run.assert_error(&["cannot write", "table orders", "positive_orderid"]);
+    run.assert_error(&["for table orders was refused", "positive_orderid", "--on-failure halt"]);
     assert!(table_rows(&pg).is_empty(), "the failed batch wrote nothing");
     assert!(pg.psql("SELECT * FROM sluice_offsets").is_empty(), "and committed no offsets");
     assert!(offsets(&broker.brokers, &topic, &group).values().all(|o| o.committed.is_none()));

@@ -12,9 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_host::checkpoint::{BatchChanges, Checkpoint, CheckpointView, PendingBatch, StateWrite};
+use sluice_host::checkpoint::{BatchChanges, BatchCommit, Checkpoint, CheckpointView, PendingBatch, StateWrite};
+use sluice_host::offsets::{OffsetRange, TopicPartition};
 use sluice_host::runtime::{PluginIdentity, PluginInfo};
-use sluice_host::source::{OffsetRange, TopicPartition};
 
 const TOUCHED_PER_BATCH: usize = 1_000;
 const NEW_PER_BATCH: usize = 100;
@@ -122,7 +122,17 @@ fn measure(keys: usize, plugin: &PluginIdentity) -> (Duration, Duration, Duratio
 
 fn commit(checkpoint: &Checkpoint, batch_time: i64, changes: BatchChanges, plugin: &PluginIdentity) {
     let ranges = [OffsetRange { partition: TopicPartition::new("in", 0), from: batch_time, until: batch_time + 1 }];
-    checkpoint.commit(batch_time, &ranges, &changes, plugin, &[]).expect("commit");
+    let commit = BatchCommit {
+        batch_time,
+        ranges: &ranges,
+        changes: &changes,
+        plugin,
+        config: &[],
+        member: "bench",
+        applied_starts: &[],
+        remainder: None,
+    };
+    checkpoint.commit(&commit).expect("commit");
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -24,8 +24,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::PluginIdentity;
-use crate::source::{OffsetRange, TopicPartition};
 
 const EMPTY: &[u8] = &[];
 
@@ -52,6 +52,9 @@ const PANES: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("window
 const WINDOWS: TableDefinition<&[u8], (i64, &[u8])> = TableDefinition::new("window-results");
 /// first batch time → JSON [`PluginRun`]: which plugin processed which batches.
 const PLUGINS: TableDefinition<i64, &str> = TableDefinition::new("plugins");
+/// (topic, partition) → the `--start` offset the job applied: a `--start` seeks once, and the
+/// same value given again on a restart is ignored.
+const APPLIED_STARTS: TableDefinition<(&str, i32), i64> = TableDefinition::new("applied-starts");
 
 /// A key's window panes: (batch time, pane), oldest first.
 pub type Panes = Vec<(i64, Vec<u8>)>;
@@ -78,20 +81,24 @@ pub struct PluginRun {
     /// The plugin configuration the batches ran with.
     #[serde(default)]
     pub config: Vec<(String, String)>,
+    /// The group member (`--instance-id`) that ran them.
+    #[serde(default)]
+    pub member: String,
     pub first_batch: i64,
     pub last_batch: i64,
     pub batches: u64,
 }
 
 impl PluginRun {
-    /// A run of `plugin` with `config` starting (and so far ending) at `batch`.
-    pub fn of(plugin: &PluginIdentity, config: &[(String, String)], batch: i64) -> PluginRun {
+    /// A run of `plugin` with `config` on `member` starting (and so far ending) at `batch`.
+    pub fn of(plugin: &PluginIdentity, config: &[(String, String)], member: &str, batch: i64) -> PluginRun {
         PluginRun {
             name: plugin.info.name.clone(),
             version: plugin.info.version.clone(),
             state_schema_version: plugin.info.state_schema_version,
             digest: plugin.digest.clone(),
             config: config.to_vec(),
+            member: member.to_string(),
             first_batch: batch,
             last_batch: batch,
             batches: 1,
@@ -116,6 +123,9 @@ impl fmt::Display for PluginRun {
             let config: Vec<String> = self.config.iter().map(|(key, value)| format!("{key}={value}")).collect();
             write!(f, ", config {}", config.join(" "))?;
         }
+        if !self.member.is_empty() {
+            write!(f, ", on {}", self.member)?;
+        }
         Ok(())
     }
 }
@@ -130,6 +140,8 @@ pub struct Resume {
     pub last_plugin: Option<PluginRun>,
     /// Whether any keyed state or window pane is stored.
     pub has_state: bool,
+    /// The `--start` offsets applied so far.
+    pub applied_starts: BTreeMap<TopicPartition, i64>,
 }
 
 /// A key's stored state.
@@ -163,6 +175,23 @@ pub struct BatchChanges {
     pub window_results: Vec<(Vec<u8>, Vec<u8>)>,
     /// Keys whose kept window result is dropped.
     pub dropped_windows: Vec<Vec<u8>>,
+}
+
+/// One batch's (or one piece of a batch's) results, committed in one transaction.
+#[derive(Debug)]
+pub struct BatchCommit<'a> {
+    pub batch_time: i64,
+    /// The ranges processed: each partition's offset moves to its range's end.
+    pub ranges: &'a [OffsetRange],
+    pub changes: &'a BatchChanges,
+    pub plugin: &'a PluginIdentity,
+    pub config: &'a [(String, String)],
+    /// The group member committing (`--instance-id`).
+    pub member: &'a str,
+    /// `--start` offsets applied since the last commit.
+    pub applied_starts: &'a [(TopicPartition, i64)],
+    /// What is left of a replayed plan after this piece: it stays pending. `None` clears it.
+    pub remainder: Option<&'a PendingBatch>,
 }
 
 /// What `host checkpoint inspect` reports about the state.
@@ -214,6 +243,7 @@ impl Checkpoint {
                 txn.open_table(PANES)?;
                 txn.open_table(WINDOWS)?;
                 txn.open_table(PLUGINS)?;
+                txn.open_table(APPLIED_STARTS)?;
             }
             txn.commit().with_context(|| format!("cannot initialise checkpoint {}", checkpoint.path.display()))?;
         } else {
@@ -221,6 +251,11 @@ impl Checkpoint {
             check_format(&txn, &checkpoint.path)?;
             let flag = txn.open_table(META)?.get("touched-index")?.map(|value| value.value().to_vec());
             checkpoint.touched_index = flag.as_deref() != Some(b"0");
+            drop(txn);
+            // Tables added since the format's first version.
+            let txn = checkpoint.db.begin_write()?;
+            txn.open_table(APPLIED_STARTS)?;
+            txn.commit().with_context(|| format!("cannot update checkpoint {}", checkpoint.path.display()))?;
         }
         Ok(checkpoint)
     }
@@ -349,21 +384,28 @@ impl Checkpoint {
         Ok(results)
     }
 
-    /// Commits one batch: its offsets, state changes, panes and plugin, and clears its plan.
-    /// After this returns the batch is done; a crash before it replays the batch.
-    pub fn commit(
-        &self,
-        batch_time: i64,
-        ranges: &[OffsetRange],
-        changes: &BatchChanges,
-        plugin: &PluginIdentity,
-        config: &[(String, String)],
-    ) -> Result<()> {
+    /// The stored pane of each of `keys` at `batch_time`, in order (a batch that runs in
+    /// pieces folds each piece's values into the pane the earlier pieces left).
+    pub fn panes_at(&self, keys: &[&[u8]], batch_time: i64) -> Result<Vec<Option<Vec<u8>>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PANES)?;
+        keys.iter().map(|key| Ok(table.get((*key, batch_time))?.map(|pane| pane.value().to_vec()))).collect()
+    }
+
+    /// Commits one batch (or one piece of it): its offsets, state changes, panes and plugin,
+    /// and clears its plan (or leaves the remainder pending). After this returns the batch is
+    /// done; a crash before it replays the batch.
+    pub fn commit(&self, batch: &BatchCommit<'_>) -> Result<()> {
+        let BatchCommit { batch_time, ranges, changes, plugin, config, member, applied_starts, remainder } = *batch;
         let txn = self.db.begin_write()?;
         {
             let mut offsets = txn.open_table(OFFSETS)?;
             for range in ranges {
                 offsets.insert((range.partition.topic.as_str(), range.partition.partition), range.until)?;
+            }
+            let mut starts = txn.open_table(APPLIED_STARTS)?;
+            for (partition, offset) in applied_starts {
+                starts.insert((partition.topic.as_str(), partition.partition), *offset)?;
             }
             let mut state = txn.open_table(STATE)?;
             let mut touched = txn.open_table(TOUCHED)?;
@@ -409,18 +451,24 @@ impl Checkpoint {
                 None => None,
             };
             let run = match last {
-                Some(mut run) if run.digest == plugin.digest && run.config == config => {
+                Some(mut run) if run.digest == plugin.digest && run.config == config && run.member == member => {
+                    // The pieces of one batch count once.
+                    if run.last_batch != batch_time {
+                        run.batches += 1;
+                    }
                     run.last_batch = batch_time;
-                    run.batches += 1;
                     run
                 }
-                _ => PluginRun::of(plugin, config, batch_time),
+                _ => PluginRun::of(plugin, config, member, batch_time),
             };
             plugins.insert(run.first_batch, serde_json::to_string(&run)?.as_str())?;
 
             let mut meta = txn.open_table(META)?;
             meta.insert("last-batch", batch_time.to_le_bytes().as_slice())?;
-            meta.remove("pending")?;
+            match remainder {
+                Some(remainder) => meta.insert("pending", serde_json::to_vec(remainder)?.as_slice()).map(drop)?,
+                None => meta.remove("pending").map(drop)?,
+            }
         }
         crate::failpoint::reached("checkpoint");
         txn.commit().with_context(|| format!("cannot commit batch {batch_time} ms to {}", self.path.display()))
@@ -569,7 +617,16 @@ fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
         None => None,
     };
     let has_state = !txn.open_table(STATE)?.is_empty()? || !txn.open_table(PANES)?.is_empty()?;
-    Ok(Resume { offsets, last_batch, pending, last_plugin, has_state })
+    let mut applied_starts = BTreeMap::new();
+    // A checkpoint written before starts were recorded has no such table yet.
+    if let Ok(table) = txn.open_table(APPLIED_STARTS) {
+        for entry in table.iter()? {
+            let (key, offset) = entry?;
+            let (topic, partition) = key.value();
+            applied_starts.insert(TopicPartition::new(topic, partition), offset.value());
+        }
+    }
+    Ok(Resume { offsets, last_batch, pending, last_plugin, has_state, applied_starts })
 }
 
 fn check_format(txn: &ReadTransaction, path: &Path) -> Result<()> {
@@ -623,9 +680,18 @@ mod tests {
         };
         let state = vec![StateWrite::Put { key: key.into(), bytes: b"1".to_vec(), previous_touched }];
         let ranges = [OffsetRange { partition: TopicPartition::new("in", 0), from: 0, until: batch_time }];
-        checkpoint
-            .commit(batch_time, &ranges, &BatchChanges { state, ..BatchChanges::default() }, &plugin, &[])
-            .unwrap();
+        let changes = BatchChanges { state, ..BatchChanges::default() };
+        let commit = BatchCommit {
+            batch_time,
+            ranges: &ranges,
+            changes: &changes,
+            plugin: &plugin,
+            config: &[],
+            member: "test",
+            applied_starts: &[],
+            remainder: None,
+        };
+        checkpoint.commit(&commit).unwrap();
     }
 
     fn idle(checkpoint: &Checkpoint, since: i64) -> Vec<String> {

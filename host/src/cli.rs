@@ -88,4 +88,8 @@ pub struct DevBrokerArgs {
     /// 4 partitions.
     #[arg(long = "topic", value_name = "NAME:PARTITIONS", value_parser = crate::broker::parse_topic_spec)]
     pub topics: Vec<(String, i32)>,
+    /// Delay before a new consumer group's first assignment (Kafka's
+    /// `group.initial.rebalance.delay.ms`) [default: 200ms; brokers default to 3s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub initial_rebalance_delay: Option<std::time::Duration>,
 }

@@ -14,8 +14,9 @@ use rdkafka::ClientConfig;
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 
+use crate::offsets::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
 use crate::runtime::{CpuLimit, GrantedDir, Sandbox};
-use crate::source::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
+use crate::source::TaskBounds;
 
 /// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
@@ -30,6 +31,16 @@ pub const DEFAULT_ADMIN_ADDRESS: std::net::SocketAddr =
 pub const DEFAULT_TASK_RETRIES: u32 = 2;
 /// How long unreachable brokers are retried when no `--broker-timeout` is given.
 pub const DEFAULT_BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the group waits for a member that stopped heartbeating (a host killed, or cut
+/// off) before giving its partitions to the others, when no `--session-timeout` is given.
+/// librdkafka's default is 45 s; a stream processor wants its partitions back sooner.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records one partition task may hold when no `--max-records-per-partition` is given: a
+/// backlog is worked off in batches of this size rather than in one that outgrows memory.
+pub const DEFAULT_MAX_RECORDS_PER_PARTITION: usize = 100_000;
+/// Bytes one partition task may hold when no `--max-bytes-per-partition` is given; with the
+/// default `--max-memory` of 256 MiB a plugin instance holds the task and its outputs.
+pub const DEFAULT_MAX_BYTES_PER_PARTITION: u64 = 32 << 20;
 
 /// Kafka client properties the host sets itself; letting `--kafka` override them would break
 /// direct mode (offsets are committed only after delivery, positions are chosen by the host).
@@ -120,6 +131,24 @@ pub struct JobOptions {
     #[serde(default, deserialize_with = "duration")]
     pub broker_timeout: Option<Duration>,
 
+    /// How long the consumer group waits for a host that stopped heartbeating (killed, or cut
+    /// off from the brokers) before its partitions go to the other hosts [default: 10s]. A host
+    /// stopped with SIGINT/SIGTERM leaves the group at once.
+    #[arg(long, env = "SLUICE_SESSION_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub session_timeout: Option<Duration>,
+
+    /// Records one batch may take from one partition, at most, whatever the rate options say
+    /// [default: 100000]. A replayed batch larger than this runs in pieces.
+    #[arg(long, env = "SLUICE_MAX_RECORDS_PER_PARTITION", value_name = "N")]
+    pub max_records_per_partition: Option<usize>,
+
+    /// Bytes one batch may take from one partition, at most (keys, values and headers), e.g.
+    /// `32MiB` [default: 32MiB]. A partition always yields at least one record.
+    #[arg(long, env = "SLUICE_MAX_BYTES_PER_PARTITION", value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "size")]
+    pub max_bytes_per_partition: Option<u64>,
+
     /// Records per second a batch may take from one partition, at most (Spark's
     /// maxRatePerPartition): a batch takes at most rate × interval records per partition.
     #[arg(long, env = "SLUICE_MAX_RATE_PER_PARTITION", value_name = "RECORDS_PER_SECOND")]
@@ -199,6 +228,19 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_TASK_RETRIES", value_name = "N")]
     pub task_retries: Option<u32>,
 
+    /// A topic the plugin may send outputs to, as a regular expression matching the whole name
+    /// (repeatable) [default: the output and dead-letter topics]. An output for any other
+    /// topic is undeliverable and follows --on-failure.
+    #[arg(long = "allow-output-topic", value_name = "PATTERN")]
+    #[serde(default)]
+    pub allow_output_topics: Vec<String>,
+
+    /// This host's name in the consumer group: in logs, commit metadata and `host status`, and
+    /// in the transactional id of `--delivery exactly-once` [default: the machine's host name].
+    /// Two hosts of one job on one machine need different ids.
+    #[arg(long, env = "SLUICE_INSTANCE_ID", value_name = "NAME")]
+    pub instance_id: Option<String>,
+
     /// Topic for dead letters: records the plugin rejected, and with `--on-failure
     /// dead-letter` the records a failing task was isolated down to.
     #[arg(long, env = "SLUICE_DEAD_LETTER_TOPIC", value_name = "TOPIC")]
@@ -224,6 +266,12 @@ pub struct JobOptions {
     /// --postgres-key, so replayed batches change nothing [default: transactional].
     #[arg(long, env = "SLUICE_POSTGRES_MODE", value_enum)]
     pub postgres_mode: Option<PostgresMode>,
+
+    /// How long the database may be unreachable, and one statement may run, before the job
+    /// gives up [default: --broker-timeout].
+    #[arg(long, env = "SLUICE_POSTGRES_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration")]
+    pub postgres_timeout: Option<Duration>,
 
     /// A key column of --postgres-table, the conflict target of upserts (repeatable).
     #[arg(long = "postgres-key", value_name = "COLUMN")]
@@ -286,6 +334,9 @@ impl JobOptions {
             stop_when_caught_up: self.stop_when_caught_up || file.stop_when_caught_up,
             parallelism: self.parallelism.or(file.parallelism),
             broker_timeout: self.broker_timeout.or(file.broker_timeout),
+            session_timeout: self.session_timeout.or(file.session_timeout),
+            max_records_per_partition: self.max_records_per_partition.or(file.max_records_per_partition),
+            max_bytes_per_partition: self.max_bytes_per_partition.or(file.max_bytes_per_partition),
             max_rate_per_partition: self.max_rate_per_partition.or(file.max_rate_per_partition),
             initial_rate: self.initial_rate.or(file.initial_rate),
             backpressure: self.backpressure || file.backpressure,
@@ -303,10 +354,13 @@ impl JobOptions {
             postgres: self.postgres.or(file.postgres),
             postgres_table: self.postgres_table.or(file.postgres_table),
             postgres_mode: self.postgres_mode.or(file.postgres_mode),
+            postgres_timeout: self.postgres_timeout.or(file.postgres_timeout),
             postgres_keys: list(self.postgres_keys, file.postgres_keys),
             on_failure: self.on_failure.or(file.on_failure),
             task_retries: self.task_retries.or(file.task_retries),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
+            allow_output_topics: list(self.allow_output_topics, file.allow_output_topics),
+            instance_id: self.instance_id.or(file.instance_id),
             allow_env: pairs(file.allow_env, self.allow_env),
             allow_dirs: list(self.allow_dirs, file.allow_dirs),
         }
@@ -340,6 +394,10 @@ pub struct JobConfig {
     pub stop_when_caught_up: bool,
     pub parallelism: usize,
     pub broker_timeout: Duration,
+    /// How long the group waits for a silent member.
+    pub session_timeout: Duration,
+    /// What one partition task may hold.
+    pub bounds: TaskBounds,
     pub rate: RateLimits,
     pub on_offset_out_of_range: OnOffsetOutOfRange,
     pub checkpoint: Option<PathBuf>,
@@ -349,6 +407,50 @@ pub struct JobConfig {
     pub failure: FailureSettings,
     pub admin_address: std::net::SocketAddr,
     pub postgres: Option<PostgresSettings>,
+    /// Topics the plugin may send outputs to.
+    pub output_topics: OutputTopics,
+    /// This host's name in the group.
+    pub instance_id: String,
+}
+
+/// The topics a plugin's outputs may go to: the job's own output and dead-letter topics, or
+/// the `--allow-output-topic` patterns.
+#[derive(Debug, Clone)]
+pub struct OutputTopics {
+    /// Each pattern as given, and compiled to match whole names.
+    patterns: Vec<(String, Regex)>,
+}
+
+impl OutputTopics {
+    fn new(patterns: &[String], output: Option<&str>, dead_letters: Option<&str>) -> Result<OutputTopics> {
+        let given: Vec<String> = if patterns.is_empty() {
+            output.into_iter().chain(dead_letters).map(regex::escape).collect()
+        } else {
+            patterns.to_vec()
+        };
+        let patterns = given
+            .into_iter()
+            .map(|pattern| {
+                let compiled = Regex::new(&format!("^(?:{pattern})$"))
+                    .with_context(|| format!("invalid --allow-output-topic {pattern:?}"))?;
+                Ok((pattern, compiled))
+            })
+            .collect::<Result<_>>()?;
+        Ok(OutputTopics { patterns })
+    }
+
+    /// Whether an output may be sent to `topic`.
+    pub fn allows(&self, topic: &str) -> bool {
+        self.patterns.iter().any(|(_, pattern)| pattern.is_match(topic))
+    }
+
+    /// The allowed topics, for messages.
+    pub fn describe(&self) -> String {
+        if self.patterns.is_empty() {
+            return "none".into();
+        }
+        self.patterns.iter().map(|(given, _)| given.as_str()).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// How the PostgreSQL sink makes outputs exactly-once.
@@ -369,6 +471,8 @@ pub struct PostgresSettings {
     pub table: String,
     pub mode: PostgresMode,
     pub keys: Vec<String>,
+    /// How long the database may be unreachable, and one statement may run.
+    pub timeout: Duration,
 }
 
 /// What happens to a partition task that fails.
@@ -470,6 +574,17 @@ impl JobConfig {
         }
         let parallelism =
             options.parallelism.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let broker_timeout = options.broker_timeout.unwrap_or(DEFAULT_BROKER_TIMEOUT);
+        let output_topics = OutputTopics::new(
+            &options.allow_output_topics,
+            options.output_topic.as_deref(),
+            options.dead_letter_topic.as_deref(),
+        )?;
+        let instance_id = match options.instance_id {
+            Some(id) if id.trim().is_empty() => bail!("--instance-id must not be empty"),
+            Some(id) => id,
+            None => host_name(),
+        };
         Ok(JobConfig {
             plugin,
             plugin_config: options.plugin_config,
@@ -485,7 +600,21 @@ impl JobConfig {
             max_batches: options.max_batches,
             stop_when_caught_up: options.stop_when_caught_up,
             parallelism,
-            broker_timeout: options.broker_timeout.unwrap_or(DEFAULT_BROKER_TIMEOUT),
+            broker_timeout,
+            session_timeout: match options.session_timeout {
+                Some(timeout) if timeout < Duration::from_secs(1) => bail!("--session-timeout must be at least 1s"),
+                timeout => timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT),
+            },
+            bounds: TaskBounds {
+                max_records: match options.max_records_per_partition {
+                    Some(0) => bail!("--max-records-per-partition must be at least 1"),
+                    records => records.unwrap_or(DEFAULT_MAX_RECORDS_PER_PARTITION),
+                },
+                max_bytes: match options.max_bytes_per_partition {
+                    Some(0) => bail!("--max-bytes-per-partition must be at least 1 byte"),
+                    bytes => usize::try_from(bytes.unwrap_or(DEFAULT_MAX_BYTES_PER_PARTITION)).unwrap_or(usize::MAX),
+                },
+            },
             rate: RateLimits {
                 max_rate_per_partition: positive_rate("--max-rate-per-partition", options.max_rate_per_partition)?,
                 initial_rate: positive_rate("--initial-rate", options.initial_rate)?,
@@ -528,12 +657,15 @@ impl JobConfig {
                     if mode == PostgresMode::Upsert && options.postgres_keys.is_empty() {
                         bail!("--postgres-mode upsert needs --postgres-key COLUMN (the conflict target)");
                     }
-                    Some(PostgresSettings { url, table, mode, keys: options.postgres_keys })
+                    let timeout = options.postgres_timeout.unwrap_or(broker_timeout);
+                    Some(PostgresSettings { url, table, mode, keys: options.postgres_keys, timeout })
                 }
                 (None, None) => None,
                 (Some(_), None) => bail!("--postgres needs --postgres-table TABLE"),
                 (None, Some(_)) => bail!("--postgres-table needs --postgres URL"),
             },
+            output_topics,
+            instance_id,
             failure: FailureSettings {
                 policy: match (options.on_failure.unwrap_or_default(), &options.dead_letter_topic) {
                     (FailurePolicy::DeadLetter, None) => {
@@ -557,6 +689,16 @@ impl JobConfig {
         }
         config
     }
+}
+
+/// The machine's host name, the default `--instance-id`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "sluice".into())
 }
 
 /// The plugin sandbox from its options, defaults filled in.

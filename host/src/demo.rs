@@ -12,9 +12,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, Threa
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::broker::DevBroker;
-use crate::config::{JobConfig, RateLimits, Topics};
+use crate::config::{JobConfig, JobOptions};
 use crate::engine::{Engine, Shutdown};
-use crate::source::{AutoOffsetReset, OnOffsetOutOfRange};
+use crate::offsets::AutoOffsetReset;
 
 const INPUT: &str = "etl-input";
 const OUTPUT: &str = "etl-output";
@@ -51,32 +51,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     produce_wave(&producer, 0, per_wave)?;
     let mut waves = 1;
 
-    let job = JobConfig {
-        plugin,
+    let job = JobConfig::from_options(JobOptions {
+        plugin: Some(plugin),
         plugin_config: vec![("timezone".into(), "Asia/Shanghai".into())],
-        brokers: brokers.clone(),
-        topics: Topics::Named(vec![INPUT.into()]),
-        group: GROUP.into(),
-        batch_interval: args.batch_interval,
+        brokers: Some(brokers.clone()),
+        topics: vec![INPUT.into()],
+        group: Some(GROUP.into()),
+        batch_interval: Some(args.batch_interval),
         output_topic: Some(OUTPUT.into()),
         print: Some(5),
-        kafka: vec![],
-        start: Default::default(),
-        auto_offset_reset: AutoOffsetReset::Earliest,
+        auto_offset_reset: Some(AutoOffsetReset::Earliest),
         max_batches: Some(args.batches),
-        stop_when_caught_up: false,
-        parallelism: 2,
-        broker_timeout: Duration::from_secs(10),
-        rate: RateLimits::UNLIMITED,
-        on_offset_out_of_range: OnOffsetOutOfRange::Fail,
-        checkpoint: None,
-        state_timeout: None,
-        window: None,
-        sandbox: Default::default(),
-        failure: Default::default(),
-        admin_address: crate::config::DEFAULT_ADMIN_ADDRESS,
-        postgres: None,
-    };
+        parallelism: Some(2),
+        broker_timeout: Some(Duration::from_secs(10)),
+        ..JobOptions::default()
+    })?;
     let engine = tokio::task::block_in_place(|| Engine::start(job))?;
     let summary = engine
         .run_observed(Shutdown::on_signals(), |_| {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::checkpoint::{CheckpointView, StateStats};
-use crate::source::describe_ranges;
+use crate::offsets::describe_ranges;
 
 /// How many keys `inspect` shows as samples.
 const SAMPLE_KEYS: usize = 5;

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod engine;
 pub mod failpoint;
 pub mod inspect;
+pub mod offsets;
 pub mod runtime;
 pub mod sinks;
 pub mod source;

@@ -99,10 +99,33 @@ fn upgrade(args: UpgradeArgs) -> Result<()> {
 }
 
 async fn dev_broker(args: DevBrokerArgs) -> Result<()> {
-    let broker = DevBroker::start(args.brokers, &args.topics)?;
+    let broker = std::sync::Arc::new(DevBroker::start(args.brokers, &args.topics)?);
+    if let Some(delay) = args.initial_rebalance_delay {
+        broker.set_initial_rebalance_delay(delay);
+    }
     // The address alone on stdout, so scripts can read it with one `read`.
     println!("{}", broker.bootstrap_servers());
-    eprintln!("mock Kafka cluster serving at {}; stop with Ctrl-C", broker.bootstrap_servers());
+    eprintln!(
+        "mock Kafka cluster serving at {} (brokers 1 to {}); stop with Ctrl-C. Fault commands on stdin: \
+         down N, up N, leader TOPIC PARTITION N, rtt N MS, errors API ERROR[,ERROR], topic NAME PARTITIONS",
+        broker.bootstrap_servers(),
+        broker.brokers()
+    );
+    // Fault injection from a test harness or a terminal: one command per line, one answer
+    // per command on stdout. End of input is not a stop (a broker started in the background
+    // has none).
+    let control = broker.clone();
+    std::thread::Builder::new().name("dev-broker-control".into()).spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match control.control(&line) {
+                Ok(()) => println!("ok"),
+                Err(error) => println!("error: {error:#}"),
+            }
+        }
+    })?;
     let mut shutdown = Shutdown::on_signals();
     shutdown.requested().await;
     Ok(())

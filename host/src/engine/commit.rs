@@ -1,31 +1,62 @@
 //! The commit step: the one place a batch becomes done.
 //!
 //! It runs only after every sink has acknowledged the batch's outputs, in this order: the
-//! checkpoint transaction (offsets, state changes, window panes, plugin identity), then the
-//! consumer group's offsets. Once the checkpoint commits, the batch is done; the group commit
-//! is for lag tooling and a failed one is covered by the next batch's.
+//! consumer group's offsets (each with the batch's identity in its metadata), then the
+//! checkpoint transaction (offsets, state changes, window panes, plugin identity, applied
+//! starts). The group is the authority on where a partition continues — in a group of several
+//! hosts the local checkpoint cannot know what another host committed — so it commits first.
+//! A crash between the two leaves a plan whose offsets the group already holds; the next run
+//! replays it without delivering, to rebuild only its state changes (docs/adr/0007).
 
-use anyhow::{Context as _, Result};
+use std::collections::BTreeMap;
 
-use crate::checkpoint::{BatchChanges, Checkpoint};
+use anyhow::Result;
+
+use crate::checkpoint::{BatchCommit, Checkpoint};
 use crate::failpoint;
-use crate::runtime::PluginRuntime;
-use crate::source::{KafkaSource, OffsetRange};
+use crate::offsets::{OffsetRange, TopicPartition};
+use crate::runtime::PluginIdentity;
+use crate::source::{CommitError, CommitMetadata, KafkaSource};
 
-/// Marks the batch at `batch_time` covering `ranges` as done. A checkpoint failure is the
-/// outer error (the batch is not done; the job stops and replays it); the group commit's
-/// outcome is the inner result.
-pub fn commit_batch(
-    checkpoint: Option<&Checkpoint>,
-    source: &KafkaSource,
-    plugin: &PluginRuntime,
-    batch_time: i64,
+/// How the group commit ended.
+pub enum GroupCommit {
+    Committed,
+    /// The group gave (some of) the batch's partitions to another member: nothing of the batch
+    /// may be committed; its new owner replays it from the group's offsets.
+    Fenced(String),
+}
+
+/// Commits the ranges' ends to the consumer group, with the batch's identity and each
+/// partition's applied `--start` as metadata.
+pub fn commit_group(
+    source: &mut KafkaSource,
     ranges: &[OffsetRange],
-    changes: &BatchChanges,
-) -> Result<Result<()>> {
-    if let Some(checkpoint) = checkpoint {
-        checkpoint.commit(batch_time, ranges, changes, plugin.identity(), plugin.config())?;
-        failpoint::reached("commit");
+    batch_time: i64,
+    member: &str,
+    plugin: &PluginIdentity,
+    applied_starts: &BTreeMap<TopicPartition, i64>,
+) -> Result<GroupCommit> {
+    let ends: Vec<(TopicPartition, i64)> = ranges.iter().map(|range| (range.partition.clone(), range.until)).collect();
+    let build = plugin.digest[..plugin.digest.len().min(12)].to_string();
+    let metadata = |partition: &TopicPartition| CommitMetadata {
+        batch: batch_time,
+        start: applied_starts.get(partition).copied(),
+        member: member.to_string(),
+        build: build.clone(),
+    };
+    match source.commit(&ends, metadata) {
+        Ok(()) => {
+            failpoint::reached("commit");
+            Ok(GroupCommit::Committed)
+        }
+        Err(CommitError::Fenced { partitions, cause }) => {
+            Ok(GroupCommit::Fenced(format!("the consumer group gave {partitions} to another member ({cause})")))
+        }
+        Err(CommitError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
     }
-    Ok(source.commit(ranges).with_context(|| format!("batch {batch_time} ms")))
+}
+
+/// Commits the batch to the checkpoint: after this it is done for good.
+pub fn commit_checkpoint(checkpoint: &Checkpoint, batch: &BatchCommit<'_>) -> Result<()> {
+    checkpoint.commit(batch)
 }

@@ -1,16 +1,18 @@
-//! What happens when a partition task fails (trap, deadline, memory, plugin error): retries on
-//! fresh instances with backoff, then the job's policy — halt, skip, or dead-letter with the
-//! poison records isolated by bisection so the rest of the task still goes through.
+//! What happens when something in a batch fails: a partition task (trap, deadline, memory,
+//! plugin error) is retried on fresh instances with backoff, then the job's policy applies —
+//! halt, skip, or dead-letter with the poison records isolated by bisection so the rest of the
+//! task still goes through. Records the host cannot hand to the plugin and outputs the sinks
+//! refuse follow the same policy, one record at a time.
 
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use super::PartitionTask;
 use crate::config::FailurePolicy;
-use crate::runtime::{
-    BatchContext, Header, InputRecord, OutputRecord, PluginIdentity, PluginRuntime, TaskError, TaskOutput,
-};
+use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginRuntime, TaskError, TaskOutput};
+use crate::sinks::DeadLetter;
+use crate::source::{RawHeader, SourceRecord};
 
 /// The first retry waits this long; each further one twice as long as the last.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -24,6 +26,17 @@ pub const DIGEST_HEADER: &str = "sluice-plugin-digest";
 pub const TOPIC_HEADER: &str = "sluice-source-topic";
 pub const PARTITION_HEADER: &str = "sluice-source-partition";
 pub const OFFSET_HEADER: &str = "sluice-source-offset";
+/// Of an undeliverable output: the offsets of the partition task that produced it, and where it
+/// was meant to go.
+pub const OFFSETS_HEADER: &str = "sluice-source-offsets";
+pub const TARGET_HEADER: &str = "sluice-target";
+/// Of a dead letter sent without its value because the value itself could not be delivered.
+pub const VALUE_DROPPED_HEADER: &str = "sluice-value-dropped";
+
+/// The kind of failure of an output that could not be delivered.
+pub const UNDELIVERABLE: &str = "undeliverable";
+/// The kind of failure of a record the host could not hand to the plugin.
+pub const UNREADABLE: &str = "unreadable";
 
 /// The job's failure settings.
 pub struct FailureHandling<'a> {
@@ -37,9 +50,28 @@ pub struct FailureHandling<'a> {
 #[derive(Default)]
 pub struct Recovered {
     pub output: TaskOutput,
-    pub dead_letters: Vec<OutputRecord>,
+    pub dead_letters: Vec<DeadLetter>,
     /// Records dropped under `skip`.
     pub skipped: usize,
+}
+
+/// Where an output came from, for messages and dead-letter headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provenance {
+    /// A partition task's `process`: the task's offset range (outputs do not name the record
+    /// they came from).
+    Task { topic: String, partition: i32, from: i64, until: i64 },
+    /// A state partition's `update`, or a window slide's `present`.
+    State { partition: i32 },
+}
+
+impl std::fmt::Display for Provenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Provenance::Task { topic, partition, from, until } => write!(f, "{topic}:{partition} [{from}, {until})"),
+            Provenance::State { partition } => write!(f, "state partition {partition}"),
+        }
+    }
 }
 
 impl FailureHandling<'_> {
@@ -100,7 +132,12 @@ impl FailureHandling<'_> {
         into: &mut Recovered,
     ) -> Result<()> {
         if let [record] = records {
-            into.dead_letters.push(self.dead_letter(ctx, record, error.kind.as_str(), &error.message)?);
+            into.dead_letters.push(self.dead_letter(
+                ctx,
+                SourceRecord::from(record),
+                error.kind.as_str(),
+                &error.message,
+            )?);
             return Ok(());
         }
         let (first, second) = records.split_at(records.len() / 2);
@@ -134,34 +171,95 @@ impl FailureHandling<'_> {
     pub fn dead_letter(
         &self,
         ctx: &BatchContext,
-        record: &InputRecord,
+        record: SourceRecord,
         kind: &str,
         message: &str,
-    ) -> Result<OutputRecord> {
+    ) -> Result<DeadLetter> {
         let topic = self.dead_letter_topic.context("no --dead-letter-topic to send the failing records to")?;
-        Ok(dead_letter(topic, self.runtime.identity(), ctx, record, kind, message))
+        Ok(record_dead_letter(topic, self.runtime.identity(), ctx, record, kind, message))
     }
 }
 
-/// `record` as a dead letter for `topic`.
-pub fn dead_letter(
+/// `record` (from the partition task `ctx`) as a dead letter for `topic`.
+pub fn record_dead_letter(
     topic: &str,
     plugin: &PluginIdentity,
     ctx: &BatchContext,
-    record: &InputRecord,
+    record: SourceRecord,
     kind: &str,
     message: &str,
-) -> OutputRecord {
-    let mut headers = record.headers.clone();
-    let mut add = |key: &str, value: String| headers.push(Header { key: key.into(), value: Some(value.into_bytes()) });
-    add(ERROR_KIND_HEADER, kind.to_string());
-    add(ERROR_HEADER, message.to_string());
-    add(PLUGIN_HEADER, format!("{} {}", plugin.info.name, plugin.info.version));
-    add(DIGEST_HEADER, plugin.digest.clone());
-    add(TOPIC_HEADER, ctx.topic.clone());
-    add(PARTITION_HEADER, ctx.partition.to_string());
-    add(OFFSET_HEADER, record.offset.to_string());
-    OutputRecord { topic: Some(topic.to_string()), key: record.key.clone(), value: record.value.clone(), headers }
+) -> DeadLetter {
+    let mut letter =
+        DeadLetter { topic: topic.to_string(), key: record.key, value: record.value, headers: record.headers };
+    letter.header(ERROR_KIND_HEADER, kind);
+    letter.header(ERROR_HEADER, message);
+    add_plugin(&mut letter, plugin);
+    letter.header(TOPIC_HEADER, ctx.topic.clone());
+    letter.header(PARTITION_HEADER, ctx.partition.to_string());
+    letter.header(OFFSET_HEADER, record.offset.to_string());
+    letter
+}
+
+/// An output that could not be delivered to `target`, as a dead letter for `topic`.
+pub fn output_dead_letter(
+    topic: &str,
+    plugin: &PluginIdentity,
+    output: &OutputRecord,
+    provenance: &Provenance,
+    target: &str,
+    reason: &str,
+) -> DeadLetter {
+    let headers =
+        output.headers.iter().map(|h| RawHeader { name: h.key.clone().into_bytes(), value: h.value.clone() }).collect();
+    let mut letter =
+        DeadLetter { topic: topic.to_string(), key: output.key.clone(), value: output.value.clone(), headers };
+    letter.header(ERROR_KIND_HEADER, UNDELIVERABLE);
+    letter.header(ERROR_HEADER, reason);
+    add_plugin(&mut letter, plugin);
+    letter.header(TARGET_HEADER, target);
+    match provenance {
+        Provenance::Task { topic, partition, from, until } => {
+            letter.header(TOPIC_HEADER, topic.clone());
+            letter.header(PARTITION_HEADER, partition.to_string());
+            letter.header(OFFSETS_HEADER, format!("[{from}, {until})"));
+        }
+        Provenance::State { partition } => letter.header("sluice-state-partition", partition.to_string()),
+    }
+    letter
+}
+
+/// A dead letter that could not be delivered itself, without its value (its size or contents
+/// are what the brokers refused); the error headers still say what it was.
+pub fn without_value(mut letter: DeadLetter, reason: &str) -> DeadLetter {
+    let size = letter.value.take().map_or(0, |value| value.len());
+    letter.header(VALUE_DROPPED_HEADER, format!("{size} bytes: {reason}"));
+    letter
+}
+
+/// How a record that failed is handled under `policy`; `Ok(None)` means skipped and counted.
+pub fn by_policy(
+    policy: FailurePolicy,
+    what: impl FnOnce() -> String,
+    dead_letter: impl FnOnce() -> Option<DeadLetter>,
+) -> Result<Option<DeadLetter>> {
+    match policy {
+        FailurePolicy::Halt => {
+            bail!("{}; halting (--on-failure halt): nothing past the last good batch is committed", what())
+        }
+        FailurePolicy::Skip => {
+            tracing::warn!("{} (--on-failure skip)", what());
+            Ok(None)
+        }
+        FailurePolicy::DeadLetter => match dead_letter() {
+            Some(letter) => Ok(Some(letter)),
+            None => bail!("{}; no --dead-letter-topic to send it to", what()),
+        },
+    }
+}
+
+fn add_plugin(letter: &mut DeadLetter, plugin: &PluginIdentity) {
+    letter.header(PLUGIN_HEADER, format!("{} {}", plugin.info.name, plugin.info.version));
+    letter.header(DIGEST_HEADER, plugin.digest.clone());
 }
 
 fn task_name(ctx: &BatchContext) -> String {

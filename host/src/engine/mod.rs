@@ -1,8 +1,11 @@
-//! The batch loop: at each batch time, plan offset ranges, fetch them, run one plugin call per
-//! partition task on a bounded pool of plugin instances, update keyed state or windows, deliver
-//! the outputs, then commit: checkpoint first, consumer group second.
+//! The batch loop: at each batch time, apply the group's assignment changes, plan offset
+//! ranges, fetch them, run one plugin call per partition task on a bounded pool of plugin
+//! instances, update keyed state or windows, deliver the outputs, then commit: consumer group
+//! first, checkpoint second.
 
+mod assignment;
 mod commit;
+mod delivery;
 mod failure;
 mod parallel;
 mod rate;
@@ -13,7 +16,7 @@ mod state;
 mod upgrade;
 mod window;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,15 +28,19 @@ pub use shutdown::Shutdown;
 pub use upgrade::{PROBATION_BATCHES, UpgradeOutcome, UpgradeRequest};
 
 use crate::admin::AdminServer;
-use crate::checkpoint::{BatchChanges, Checkpoint, PendingBatch, PluginRun, Resume};
+use crate::checkpoint::{BatchChanges, BatchCommit, Checkpoint, PendingBatch, PluginRun, Resume};
 use crate::config::{FailurePolicy, JobConfig, PostgresMode};
 use crate::failpoint;
+use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
 use crate::runtime::{
     BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginInstance, PluginKind, PluginRuntime,
 };
-use crate::sinks::{KafkaSink, PostgresSink, PrintSink, Sinks};
-use crate::source::{KafkaSource, OffsetRange, TopicPartition, describe_ranges};
-use failure::FailureHandling;
+use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks};
+use crate::source::{Committed, KafkaSource, Unreadable, join};
+use assignment::{Positions, Replay, reconcile};
+use commit::GroupCommit;
+use delivery::{Delivered, Delivery, Provenances};
+use failure::{FailureHandling, Provenance, UNREADABLE, by_policy, record_dead_letter};
 use parallel::run_each;
 
 /// A job being run: its plugin, its source and its sinks.
@@ -49,6 +56,16 @@ pub struct Engine {
     checkpoint: Option<JobCheckpoint>,
     /// Hot upgrades through the admin endpoint (jobs with a checkpoint).
     upgrades: Option<Upgrades>,
+    /// Where newly assigned partitions start.
+    positions: Positions,
+    /// Batches to finish before planning new ones: (the rest of) a plan an earlier run did not
+    /// commit, or a replayed batch that runs in pieces because it is larger than the bounds.
+    replays: VecDeque<Replay>,
+    /// The plan the last run left, until the first assignment says which of it is still ours.
+    interrupted: Option<PendingBatch>,
+    /// A batch was abandoned (fenced): the next boundary moves every partition back to where
+    /// the group (or the database) says it continues.
+    reposition: bool,
 }
 
 /// What a running job reports on its admin endpoint.
@@ -104,9 +121,6 @@ impl Drop for Upgrades {
 struct JobCheckpoint {
     store: Arc<Checkpoint>,
     state_partitions: u32,
-    /// A batch that was planned but not committed before the last run stopped: run first,
-    /// with its original time and ranges.
-    replay: Option<PendingBatch>,
     /// The last committed batch's time; later batches get later times.
     last_batch: Option<i64>,
     /// Whether the windowed plugin has an inverse reduce.
@@ -117,12 +131,16 @@ struct JobCheckpoint {
 struct PartitionTask {
     context: BatchContext,
     records: Vec<InputRecord>,
+    /// Records of the range the plugin cannot be given (see [`crate::source::record`]).
+    unreadable: Vec<Unreadable>,
 }
 
 /// What processing a batch produced, ready to deliver and commit.
 struct Processed {
     outputs: Vec<OutputRecord>,
-    dead_letters: Vec<OutputRecord>,
+    /// Which task (or state partition) each run of outputs came from.
+    provenance: Provenances,
+    dead_letters: Vec<DeadLetter>,
     rejected: usize,
     skipped: usize,
     changes: BatchChanges,
@@ -132,6 +150,16 @@ impl PartitionTask {
     /// The record at `offset`, if the task has it (records are in offset order).
     fn record(&self, offset: i64) -> Option<&InputRecord> {
         self.records.binary_search_by_key(&offset, |record| record.offset).ok().map(|index| &self.records[index])
+    }
+
+    fn provenance(&self) -> Provenance {
+        let ctx = &self.context;
+        Provenance::Task {
+            topic: ctx.topic.clone(),
+            partition: ctx.partition,
+            from: ctx.from_offset,
+            until: ctx.until_offset,
+        }
     }
 }
 
@@ -143,9 +171,11 @@ pub struct BatchReport {
     pub records_in: usize,
     pub outputs: usize,
     pub rejected: usize,
-    /// Records sent to the dead-letter topic (rejections and isolated poison records).
+    /// Records sent to the dead-letter topic (rejections, isolated poison records, records the
+    /// plugin could not be given and outputs that could not be delivered).
     pub dead_letters: usize,
-    /// Records of failed tasks skipped under `--on-failure skip`.
+    /// Records of failed tasks skipped under `--on-failure skip` (and outputs that could not be
+    /// delivered).
     pub skipped: usize,
     /// How late the batch started relative to its batch time.
     pub scheduling_delay: Duration,
@@ -156,20 +186,25 @@ pub struct BatchReport {
     /// The rate limit the batch was planned with, in records per second for the whole job
     /// (`None`: unlimited, or only `--max-rate-per-partition`).
     pub rate: Option<f64>,
+    /// Whether this ran a plan an earlier run did not commit (or the rest of one).
+    pub replayed: bool,
+    /// Whether the batch was abandoned uncommitted because the group gave its partitions to
+    /// another member (they are replayed by their new owner).
+    pub fenced: bool,
 }
 
 /// The steps of one batch and how long each took; together they make up its processing time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchPhases {
-    /// Topic discovery, upgrade switch, offset-range planning and the checkpoint's plan write.
+    /// Assignment changes, topic discovery, upgrade switch, offset-range planning.
     pub plan: Duration,
-    /// Reading the ranges' records.
+    /// Reading the ranges' records, and recording the batch's plan in the checkpoint.
     pub fetch: Duration,
     /// Plugin calls, state and windows.
     pub plugin: Duration,
     /// Waiting for the sinks to acknowledge every output.
     pub deliver: Duration,
-    /// The checkpoint transaction and the consumer-group commit.
+    /// The consumer-group commit and the checkpoint transaction.
     pub commit: Duration,
 }
 
@@ -197,22 +232,33 @@ pub struct RunSummary {
     pub skipped: u64,
 }
 
+/// A batch about to run: planned just now, or replayed.
+struct Work {
+    batch_time: i64,
+    ranges: Vec<OffsetRange>,
+    /// `false`: a replay whose outputs Kafka already holds (state is rebuilt, nothing sent).
+    deliver: bool,
+    replayed: bool,
+    caught_up: bool,
+    rate: Option<f64>,
+}
+
 impl Engine {
-    /// Loads and initialises the plugin, then connects to Kafka and picks starting offsets.
-    /// The plugin comes first so that a bad plugin or plugin configuration is refused before
-    /// the job touches Kafka.
+    /// Loads and initialises the plugin, opens the checkpoint and the database, then joins the
+    /// consumer group and starts the partitions it assigns. The plugin comes first so that a
+    /// bad plugin or plugin configuration is refused before the job touches Kafka.
     pub fn start(job: JobConfig) -> Result<Engine> {
         let (plugin, mut first_instance) =
             PluginRuntime::load(&job.plugin, job.plugin_config.clone(), job.sandbox.clone())?;
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
         check_job_fits_plugin(&job, &plugin)?;
         // The checkpoint and the database are opened (and bad ones refused) before Kafka is touched.
-        let (checkpoint, mut checkpointed) = match &job.checkpoint {
+        let (checkpoint, resume) = match &job.checkpoint {
             Some(dir) => {
-                let (checkpoint, offsets) = open_checkpoint(dir, &job, &plugin, &mut first_instance)?;
-                (Some(checkpoint), offsets)
+                let (checkpoint, resume) = open_checkpoint(dir, &job, &plugin, &mut first_instance)?;
+                (Some(checkpoint), resume)
             }
-            None => (None, BTreeMap::new()),
+            None => (None, Resume::default()),
         };
         let postgres = match &job.postgres {
             Some(settings) => {
@@ -222,9 +268,7 @@ impl Engine {
                          combined with --checkpoint (use --postgres-mode upsert for a job with state)"
                     );
                 }
-                let mut sink = PostgresSink::connect(settings.clone(), &job.group, job.broker_timeout)?;
-                checkpointed.extend(sink.offsets()?);
-                Some(sink)
+                Some(PostgresSink::connect(settings.clone(), &job.group)?)
             }
             None => None,
         };
@@ -238,11 +282,13 @@ impl Engine {
             print: job.print.map(PrintSink::new),
             postgres,
         };
-        let source = KafkaSource::connect(&job, checkpointed)?;
+        let source = KafkaSource::connect(&job)?;
 
         let rate = RateController::new(job.rate, job.batch_interval)?;
         tracing::info!(
-            "processing with up to {} workers, batch interval {}",
+            "member {} of group {}: up to {} workers, batch interval {}",
+            job.instance_id,
+            job.group,
             job.parallelism,
             humantime::format_duration(job.batch_interval)
         );
@@ -250,10 +296,47 @@ impl Engine {
             Some(store) => Some(start_upgrades(&job, &plugin, store)?),
             None => None,
         };
-        let mut engine =
-            Engine { job, plugin, instances: vec![first_instance], source, sinks, rate, checkpoint, upgrades };
+        let positions =
+            Positions { applied_starts: resume.applied_starts, newly_applied: Vec::new(), checkpoint: resume.offsets };
+        let mut engine = Engine {
+            job,
+            plugin,
+            instances: vec![first_instance],
+            source,
+            sinks,
+            rate,
+            checkpoint,
+            upgrades,
+            positions,
+            replays: VecDeque::new(),
+            interrupted: resume.pending,
+            reposition: false,
+        };
+        engine.rebalance()?;
+        engine.check_alone()?;
         engine.ensure_workers()?;
         Ok(engine)
+    }
+
+    /// A stateful or windowed job keeps its state in one local checkpoint, so it cannot share
+    /// its input with another host: a second host is refused, before it processes anything.
+    fn check_alone(&self) -> Result<()> {
+        if self.plugin.kind() == PluginKind::Transform {
+            return Ok(());
+        }
+        let owned = self.source.partitions().count();
+        let all = self.source.all_partitions()?;
+        if owned < all {
+            bail!(
+                "plugin {} is a {} plugin, and consumer group {} has another member: this host was assigned {owned} of \
+                 the {all} input partitions. A stateful job's keyed state lives in one host's checkpoint, so it runs on \
+                 one host at a time; stop the other host, or use another --group",
+                self.plugin.identity().info.name,
+                self.plugin.kind(),
+                self.job.group
+            );
+        }
+        Ok(())
     }
 
     /// Makes an instance for every worker the current partitions can keep busy.
@@ -272,6 +355,11 @@ impl Engine {
         &self.plugin
     }
 
+    /// The partitions this host owns now.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        self.source.partitions().cloned().collect()
+    }
+
     /// Runs batches until `--max-batches`, `--stop-when-caught-up` or a stop request ends the
     /// job. The batch in flight when a stop is requested still completes and commits.
     pub async fn run(self, shutdown: Shutdown) -> Result<RunSummary> {
@@ -288,44 +376,33 @@ impl Engine {
         let interval = i64::try_from(self.job.batch_interval.as_millis()).context("batch interval too long")?;
         let mut summary = RunSummary::default();
         let mut batch_time = self.first_batch_time(interval);
-        // The last batch whose group commit failed; the next commit covers it (commits are
-        // cumulative), and the job does not stop without one succeeding.
-        let mut uncommitted: Option<Vec<OffsetRange>> = None;
         loop {
-            // A batch interrupted by the last run's end comes first, with its original time.
-            let replay = self.checkpoint.as_mut().and_then(|checkpoint| checkpoint.replay.take());
-            if let Some(replay) = &replay {
-                tracing::info!(
-                    "replaying batch {} ms, interrupted before its commit: {}",
-                    replay.batch_time,
-                    describe_ranges(&replay.ranges)
-                );
-            }
-            let wait = if replay.is_some() { 0 } else { batch_time - now_ms() };
-            if wait > 0 {
+            // A batch left by the last run (or the rest of one) comes first, with its own time.
+            let replaying = !self.replays.is_empty();
+            let mut wait = if replaying { 0 } else { batch_time - now_ms() };
+            while wait > 0 && !shutdown.is_requested() {
+                // The consumer is served while waiting, so a long interval never looks like a
+                // dead group member.
+                let step = Duration::from_millis(wait.min(1000) as u64);
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    () = tokio::time::sleep(step) => {}
                     () = shutdown.requested() => {}
                 }
+                tokio::task::block_in_place(|| self.source.keep_alive())?;
+                wait = batch_time - now_ms();
             }
             if shutdown.is_requested() {
                 break;
             }
-            let this_batch = replay.as_ref().map_or(batch_time, |replay| replay.batch_time);
-            let scheduling_delay = Duration::from_millis((now_ms() - this_batch).max(0) as u64);
+            let first = summary.batches == 0;
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
             let report = tokio::task::block_in_place(|| {
-                let (report, committed) = self.run_batch(this_batch, scheduling_delay, summary.batches == 0, replay)?;
-                uncommitted = match committed {
-                    Ok(()) => None,
-                    Err(error) => {
-                        tracing::warn!("{error:#}; moving on, the next commit covers it");
-                        Some(report.ranges.clone())
-                    }
-                };
-                log_batch(&report);
-                self.rate.batch_completed(now_ms(), &report);
+                let report = self.run_batch(batch_time, first)?;
+                log_batch(&report, &self.job.instance_id);
+                if !report.replayed {
+                    self.rate.batch_completed(now_ms(), &report);
+                }
                 observe(&report)?;
                 anyhow::Ok(report)
             })?;
@@ -340,15 +417,14 @@ impl Engine {
                 tracing::info!("stopping after {} batches (--max-batches)", summary.batches);
                 break;
             }
-            if self.job.stop_when_caught_up && report.caught_up {
+            if self.job.stop_when_caught_up && report.caught_up && self.replays.is_empty() {
                 tracing::info!("stopping: every partition is at its high watermark (--stop-when-caught-up)");
                 break;
             }
-            batch_time = schedule::next_batch_time(this_batch.max(batch_time - interval), now_ms(), interval);
-        }
-        if let Some(ranges) = uncommitted {
-            tokio::task::block_in_place(|| self.source.commit(&ranges))
-                .context("stopping with the last batch's offsets uncommitted; the next run replays it")?;
+            if !report.replayed {
+                batch_time =
+                    schedule::next_batch_time(report.batch_time.max(batch_time - interval), now_ms(), interval);
+            }
         }
         tracing::info!(
             "stopped after {} batches: {} records in, {} out, {} rejected, {} dead letters, {} skipped",
@@ -366,73 +442,186 @@ impl Engine {
     /// checkpoint has seen, so batch times (and with them panes and timeouts) never repeat.
     fn first_batch_time(&self, interval: i64) -> i64 {
         let mut first = schedule::first_batch_time(now_ms(), interval);
-        if let Some(checkpoint) = &self.checkpoint {
-            let seen =
-                checkpoint.last_batch.into_iter().chain(checkpoint.replay.as_ref().map(|replay| replay.batch_time));
-            for time in seen {
-                first = first.max(time + interval);
-            }
+        let seen = self.checkpoint.as_ref().and_then(|checkpoint| checkpoint.last_batch);
+        for time in seen.into_iter().chain(self.replays.iter().map(|replay| replay.batch_time)) {
+            first = first.max(time + interval);
         }
         first
     }
 
+    /// Applies the group's assignment changes: revoked partitions leave (their batches have
+    /// committed), new ones start where [`Positions`] says. The first time, the plan the last
+    /// run left is reconciled with where the partitions start.
+    fn rebalance(&mut self) -> Result<()> {
+        let database = match &mut self.sinks.postgres {
+            Some(postgres) if self.job.postgres.as_ref().is_some_and(|pg| pg.mode == PostgresMode::Transactional) => {
+                Some(postgres.offsets()?)
+            }
+            _ => None,
+        };
+        let (job, positions) = (&self.job, &mut self.positions);
+        let mut started: BTreeMap<TopicPartition, (i64, Option<Committed>)> = BTreeMap::new();
+        let rebalanced = self.source.rebalance(|assigned| {
+            let chosen = positions.choose(job, assigned, database.as_ref())?;
+            for (partition, offset) in assigned.iter().zip(&chosen) {
+                started.insert(partition.partition.clone(), (*offset, partition.committed.clone()));
+            }
+            Ok(chosen)
+        })?;
+        let member = &self.job.instance_id;
+        if !rebalanced.lost.is_empty() {
+            tracing::warn!(
+                "member {member}: lost {} (its group session expired); their uncommitted batch is replayed by their new owner",
+                join(&rebalanced.lost)
+            );
+        }
+        let revoked: Vec<TopicPartition> =
+            rebalanced.revoked.iter().filter(|p| !rebalanced.lost.contains(p)).cloned().collect();
+        if !revoked.is_empty() {
+            tracing::info!("member {member}: revoked {}", join(&revoked));
+        }
+        if !rebalanced.assigned.is_empty() {
+            tracing::info!("member {member}: assigned {}", join(&rebalanced.assigned));
+        }
+        if let Some(plan) = self.interrupted.take() {
+            let stateful = self.plugin.kind() != PluginKind::Transform;
+            self.replays = reconcile(plan, &started, stateful);
+            for replay in &self.replays {
+                let how = if replay.deliver { "" } else { " to rebuild its state (its outputs are in Kafka already)" };
+                tracing::info!(
+                    "replaying batch {} ms, interrupted before its commit{how}: {}",
+                    replay.batch_time,
+                    describe_ranges(&replay.ranges)
+                );
+            }
+        }
+        // A partition that moved to another member is replayed there, from the group's offset.
+        let owned: Vec<TopicPartition> = self.source.partitions().cloned().collect();
+        for replay in &mut self.replays {
+            replay.ranges.retain(|range| owned.contains(&range.partition));
+        }
+        self.replays.retain(|replay| !replay.ranges.is_empty());
+        Ok(())
+    }
+
+    /// Moves every owned partition to where its owner of record says it continues: after an
+    /// abandoned batch this member's cursors are past what was committed.
+    fn reposition(&mut self) -> Result<()> {
+        let owned = self.partitions();
+        let database = match &mut self.sinks.postgres {
+            Some(postgres) => postgres.offsets()?,
+            None => BTreeMap::new(),
+        };
+        let committed = self.source.committed(&owned)?;
+        for partition in owned {
+            let offset = database.get(&partition).copied().or(committed.get(&partition).map(|c| c.offset));
+            if let Some(offset) = offset {
+                tracing::info!("{partition} continues at {offset}, where its last committed batch ended");
+                self.source.seek(&partition, offset)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One batch, start to commit. An error before the commit step fails the batch (nothing
-    /// committed, the job stops and a restart replays it); the group commit's own outcome is
-    /// returned beside the report, because a failed group commit is covered by the next one.
-    fn run_batch(
-        &mut self,
-        batch_time: i64,
-        scheduling_delay: Duration,
-        first: bool,
-        replay: Option<PendingBatch>,
-    ) -> Result<(BatchReport, Result<()>)> {
+    /// committed, the job stops and a restart replays it).
+    fn run_batch(&mut self, batch_time: i64, first: bool) -> Result<BatchReport> {
         let started = Instant::now();
         tracing::debug!("started batch {batch_time} ms");
         if !first {
-            // Topics and partitions created (or deleted) since the last batch join (or leave)
-            // at this boundary.
-            self.source.refresh_partitions().with_context(|| format!("batch {batch_time} ms"))?;
-            self.ensure_workers()?;
+            // Topics, partitions and members that came or went since the last batch join (or
+            // leave) at this boundary.
+            self.source.refresh_topics().with_context(|| format!("batch {batch_time} ms"))?;
+            if self.source.rebalance_pending()? {
+                self.rebalance().with_context(|| format!("batch {batch_time} ms"))?;
+                self.ensure_workers()?;
+            }
+            if std::mem::take(&mut self.reposition) {
+                self.reposition().with_context(|| format!("batch {batch_time} ms"))?;
+            }
         }
         self.switch_to_candidate(batch_time)?;
-        let (ranges, caught_up, rate) = match replay {
-            Some(replay) => (replay.ranges, false, None),
-            None => {
-                let rate = self.rate.current_rate();
-                let planned =
-                    self.source.plan(|lags| self.rate.caps(lags)).with_context(|| format!("batch {batch_time} ms"))?;
-                let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
-                let lag = planned.iter().map(|p| (p.high_watermark - p.range.until).max(0)).sum();
-                if let Some(upgrades) = &self.upgrades {
-                    upgrades.status.lock().expect("not poisoned").lag = Some(lag);
+        let work = match self.replays.pop_front() {
+            Some(replay) => {
+                for range in &replay.ranges {
+                    self.source.seek(&range.partition, range.from)?;
                 }
-                (planned.into_iter().map(|p| p.range).collect::<Vec<_>>(), caught_up, rate)
+                Work {
+                    batch_time: replay.batch_time,
+                    ranges: replay.ranges,
+                    deliver: replay.deliver,
+                    replayed: true,
+                    caught_up: false,
+                    rate: None,
+                }
             }
+            None => self.plan(batch_time)?,
         };
-        if let Some(checkpoint) = &self.checkpoint {
+        let scheduling_delay = Duration::from_millis((now_ms() - work.batch_time).max(0) as u64);
+        let batch_time = work.batch_time;
+        let planned_at = started.elapsed();
+
+        let fetched =
+            self.source.fetch(&work.ranges, self.job.bounds).with_context(|| format!("batch {batch_time} ms"))?;
+        // What the batch actually took: a range ends early when its task reached its bounds.
+        let ranges: Vec<OffsetRange> = work
+            .ranges
+            .iter()
+            .zip(&fetched.ends)
+            .map(|(range, &end)| OffsetRange { partition: range.partition.clone(), from: range.from, until: end })
+            .collect();
+        // A replay that did not fit its bounds leaves the rest for a next piece, with its time.
+        let rest: Vec<OffsetRange> = work
+            .ranges
+            .iter()
+            .zip(&fetched.ends)
+            .filter(|(range, end)| **end < range.until)
+            .map(|(range, &end)| OffsetRange { partition: range.partition.clone(), from: end, until: range.until })
+            .collect();
+        let remainder = (work.replayed && !rest.is_empty()).then(|| PendingBatch { batch_time, ranges: rest.clone() });
+        if let Some(remainder) = &remainder {
+            tracing::info!(
+                "batch {batch_time} ms is larger than the batch bounds; the rest runs next: {}",
+                describe_ranges(&remainder.ranges)
+            );
+            self.replays.push_front(Replay { batch_time, ranges: rest, deliver: work.deliver });
+        }
+        if let Some(checkpoint) = &self.checkpoint
+            && !work.replayed
+        {
+            // The plan is what the batch took, so a replay after a crash takes exactly that.
             checkpoint.store.begin_batch(&PendingBatch { batch_time, ranges: ranges.clone() })?;
         }
-        let planned_at = started.elapsed();
-        let inputs = self.source.fetch(&ranges).with_context(|| format!("batch {batch_time} ms"))?;
         failpoint::reached("fetch");
         let fetched_at = started.elapsed();
 
         let tasks: Vec<PartitionTask> = ranges
             .iter()
-            .zip(inputs)
-            .map(|(range, records)| PartitionTask {
-                context: BatchContext {
-                    topic: range.partition.topic.clone(),
-                    partition: range.partition.partition,
-                    from_offset: range.from,
-                    until_offset: range.until,
-                    batch_time,
-                },
-                records,
+            .zip(fetched.records)
+            .map(|(range, records)| {
+                let mut task = PartitionTask {
+                    context: BatchContext {
+                        topic: range.partition.topic.clone(),
+                        partition: range.partition.partition,
+                        from_offset: range.from,
+                        until_offset: range.until,
+                        batch_time,
+                    },
+                    records: Vec::with_capacity(records.len()),
+                    unreadable: Vec::new(),
+                };
+                for record in records {
+                    match record.into_input() {
+                        Ok(input) => task.records.push(input),
+                        Err(unreadable) => task.unreadable.push(unreadable),
+                    }
+                }
+                task
             })
             .collect();
-        let records_in = tasks.iter().map(|task| task.records.len()).sum();
-        let processed = match self.process(batch_time, &tasks) {
+        let records_in = tasks.iter().map(|task| task.records.len() + task.unreadable.len()).sum();
+        let final_piece = remainder.is_none();
+        let processed = match self.process(batch_time, &tasks, final_piece) {
             Ok(processed) => {
                 if records_in > 0 {
                     self.probation_passed(batch_time);
@@ -441,25 +630,79 @@ impl Engine {
             }
             Err(error) if self.on_probation() => {
                 self.roll_back(batch_time, &error)?;
-                self.process(batch_time, &tasks)?
+                self.process(batch_time, &tasks, final_piece)?
             }
             Err(error) => return Err(error),
         };
-        let Processed { outputs, dead_letters, rejected, skipped, changes } = processed;
+        let Processed { outputs, provenance, dead_letters, rejected, skipped, changes } = processed;
         failpoint::reached("plugin");
         let processed_at = started.elapsed();
 
-        self.sinks
-            .deliver(batch_time, &outputs, &dead_letters)
-            .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
-        failpoint::reached("deliver");
-        self.sinks.write_rows(&outputs, &ranges).with_context(|| format!("batch {batch_time} ms"))?;
-        failpoint::reached("database");
+        let policy = if self.on_probation() { FailurePolicy::Halt } else { self.job.failure.policy };
+        let mut delivered = Delivered::default();
+        let mut fenced = false;
+        if work.deliver {
+            let mut delivery = Delivery {
+                kafka: &mut self.sinks.kafka,
+                print: self.sinks.print.as_mut(),
+                job: &self.job,
+                plugin: self.plugin.identity(),
+                batch_time,
+                policy,
+            };
+            delivered = delivery
+                .deliver(&outputs, &provenance, dead_letters)
+                .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+            failpoint::reached("deliver");
+            match self.write_rows(batch_time, &outputs, &provenance, &ranges, policy)? {
+                Some(rows) => {
+                    delivered.dead_letters += rows.dead_letters;
+                    delivered.skipped += rows.skipped;
+                }
+                None => fenced = true,
+            }
+            failpoint::reached("database");
+        }
         let delivered_at = started.elapsed();
-        let checkpoint = self.checkpoint.as_ref().map(|checkpoint| &*checkpoint.store);
-        let committed = commit::commit_batch(checkpoint, &self.source, &self.plugin, batch_time, &ranges, &changes)?;
-        if let Some(checkpoint) = &mut self.checkpoint {
-            checkpoint.last_batch = Some(batch_time);
+
+        if work.deliver && !fenced {
+            let group = commit::commit_group(
+                &mut self.source,
+                &ranges,
+                batch_time,
+                &self.job.instance_id,
+                self.plugin.identity(),
+                &self.positions.applied_starts,
+            )?;
+            if let GroupCommit::Fenced(reason) = group {
+                tracing::warn!("batch {batch_time} ms abandoned uncommitted: {reason}");
+                fenced = true;
+            }
+        }
+        if !fenced {
+            if let Some(checkpoint) = &mut self.checkpoint {
+                let commit = BatchCommit {
+                    batch_time,
+                    ranges: &ranges,
+                    changes: &changes,
+                    plugin: self.plugin.identity(),
+                    config: self.plugin.config(),
+                    member: &self.job.instance_id,
+                    applied_starts: &self.positions.newly_applied,
+                    remainder: remainder.as_ref(),
+                };
+                commit::commit_checkpoint(&checkpoint.store, &commit)?;
+                checkpoint.last_batch = Some(batch_time);
+            }
+            self.positions.newly_applied.clear();
+            for range in &ranges {
+                self.positions.checkpoint.insert(range.partition.clone(), range.until);
+            }
+        } else {
+            // The batch's partitions continue from where their owner (the group, or the
+            // database) says, wherever this member's cursors got to.
+            self.replays.clear();
+            self.reposition = true;
         }
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
@@ -472,20 +715,90 @@ impl Engine {
             commit: started.elapsed() - delivered_at,
         };
         tracing::debug!("batch {batch_time} ms phases: {phases:?}");
-        let report = BatchReport {
+        Ok(BatchReport {
             batch_time,
             ranges,
             records_in,
-            outputs: outputs.len(),
+            outputs: if work.deliver { outputs.len() } else { 0 },
             rejected,
-            dead_letters: dead_letters.len(),
-            skipped,
+            dead_letters: delivered.dead_letters,
+            skipped: skipped + delivered.skipped,
             scheduling_delay,
             phases,
+            caught_up: work.caught_up && remainder.is_none(),
+            rate: work.rate,
+            replayed: work.replayed,
+            fenced,
+        })
+    }
+
+    /// Plans a new batch: ranges up to the high watermarks, within the rate limits and the
+    /// batch bounds.
+    fn plan(&mut self, batch_time: i64) -> Result<Work> {
+        let rate = self.rate.current_rate();
+        let max_records = self.job.bounds.max_records as i64;
+        let rates = &self.rate;
+        let planned = self
+            .source
+            .plan(|lags| {
+                let caps = rates.caps(lags);
+                Some(match caps {
+                    Some(caps) => caps.into_iter().map(|cap| cap.min(max_records)).collect(),
+                    None => vec![max_records; lags.len()],
+                })
+            })
+            .with_context(|| format!("batch {batch_time} ms"))?;
+        let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
+        let lag = planned.iter().map(|p| (p.high_watermark - p.range.until).max(0)).sum();
+        if let Some(upgrades) = &self.upgrades {
+            upgrades.status.lock().expect("not poisoned").lag = Some(lag);
+        }
+        Ok(Work {
+            batch_time,
+            ranges: planned.into_iter().map(|p| p.range).collect(),
+            deliver: true,
+            replayed: false,
             caught_up,
             rate,
+        })
+    }
+
+    /// Writes the batch's table rows (outputs without a topic) and, in transactional mode, its
+    /// offsets, in one database transaction; rows the database refuses follow the policy.
+    /// `Ok(None)`: another writer moved the offsets (the batch is abandoned, like a fenced one).
+    fn write_rows(
+        &mut self,
+        batch_time: i64,
+        outputs: &[OutputRecord],
+        provenance: &Provenances,
+        ranges: &[OffsetRange],
+        policy: FailurePolicy,
+    ) -> Result<Option<Delivered>> {
+        let Some(postgres) = &mut self.sinks.postgres else { return Ok(Some(Delivered::default())) };
+        let indices: Vec<usize> = (0..outputs.len()).filter(|&index| outputs[index].topic.is_none()).collect();
+        let rows: Vec<&OutputRecord> = indices.iter().map(|&index| &outputs[index]).collect();
+        let mut delivery = Delivery {
+            kafka: &mut self.sinks.kafka,
+            print: None,
+            job: &self.job,
+            plugin: self.plugin.identity(),
+            batch_time,
+            policy,
         };
-        Ok((report, committed))
+        let mut outcome = Delivered::default();
+        let mut refused = |refused: &[crate::sinks::RejectedRow]| -> Result<()> {
+            let from = |row: usize| provenance.of(indices[row]).cloned().unwrap_or(Provenance::State { partition: -1 });
+            outcome = delivery.refused_rows(&rows, refused, &from)?;
+            Ok(())
+        };
+        match postgres.write_batch(&rows, ranges, &mut refused) {
+            Ok(_) => Ok(Some(outcome)),
+            Err(crate::sinks::WriteError::Conflict(message)) => {
+                tracing::warn!("batch {batch_time} ms abandoned uncommitted: {message}");
+                Ok(None)
+            }
+            Err(crate::sinks::WriteError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
+        }
     }
 
     /// Whether a new version is running its first batches.
@@ -569,9 +882,11 @@ impl Engine {
     }
 
     /// Runs the plugin over a batch's partition tasks (and, for stateful and windowed plugins,
-    /// the state or window step), applying the failure policy to failed tasks. Nothing leaves
-    /// the engine here: the result is delivered and committed by the caller.
-    fn process(&mut self, batch_time: i64, tasks: &[PartitionTask]) -> Result<Processed> {
+    /// the state or window step), applying the failure policy to failed tasks and to records
+    /// the plugin could not be given. Nothing leaves the engine here: the result is delivered
+    /// and committed by the caller. `final_piece`: the batch does not continue in another piece
+    /// (a window slide is emitted only then).
+    fn process(&mut self, batch_time: i64, tasks: &[PartitionTask], final_piece: bool) -> Result<Processed> {
         let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
             instance.process(&task.context, &task.records)
         });
@@ -585,10 +900,29 @@ impl Engine {
         };
 
         let mut outputs: Vec<OutputRecord> = Vec::new();
-        let mut dead_letters: Vec<OutputRecord> = Vec::new();
+        let mut provenance = Provenances::default();
+        let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut values = Vec::with_capacity(results.len());
         let (mut rejected, mut skipped) = (0, 0);
         for (task, result) in tasks.iter().zip(results) {
+            let ctx = &task.context;
+            for unreadable in &task.unreadable {
+                let what = || {
+                    format!(
+                        "batch {batch_time} ms: {}:{} offset {} cannot be given to the plugin: {}",
+                        ctx.topic, ctx.partition, unreadable.record.offset, unreadable.reason
+                    )
+                };
+                let letter = by_policy(self.job.failure.policy, what, || {
+                    let topic = failures.dead_letter_topic?;
+                    let (record, reason) = (unreadable.record.clone(), &unreadable.reason);
+                    Some(record_dead_letter(topic, self.plugin.identity(), ctx, record, UNREADABLE, reason))
+                })?;
+                match letter {
+                    Some(letter) => dead_letters.push(letter),
+                    None => skipped += 1,
+                }
+            }
             let result = match result {
                 Ok(output) => output,
                 Err(error) => {
@@ -601,23 +935,27 @@ impl Engine {
             for rejection in &result.rejections {
                 tracing::warn!(
                     "rejected {}:{} offset {}: {}",
-                    task.context.topic,
-                    task.context.partition,
+                    ctx.topic,
+                    ctx.partition,
                     rejection.offset,
                     rejection.reason
                 );
                 if failures.dead_letter_topic.is_some()
                     && let Some(record) = task.record(rejection.offset)
                 {
-                    dead_letters.push(failures.dead_letter(&task.context, record, "rejected", &rejection.reason)?);
+                    let record = crate::source::SourceRecord::from(record);
+                    dead_letters.push(failures.dead_letter(ctx, record, "rejected", &rejection.reason)?);
                 }
             }
             rejected += result.rejections.len();
             outputs.extend(result.outputs);
+            provenance.push(outputs.len(), task.provenance());
             values.push(result.values);
         }
         let mut changes = BatchChanges::default();
         if let Some(checkpoint) = &self.checkpoint {
+            // A later piece of a batch folds into what the earlier pieces of its time left.
+            let continuing = checkpoint.last_batch == Some(batch_time);
             let keyed = match self.plugin.kind() {
                 PluginKind::Transform => Vec::new(),
                 PluginKind::Stateful => state::StateStep {
@@ -638,13 +976,16 @@ impl Engine {
                         slide_ms: window.slide.as_millis() as i64,
                         invertible: checkpoint.invertible,
                         batch_time,
+                        continuing,
+                        final_piece,
                     }
                     .run(&mut self.instances, values, &mut changes)?
                 }
             };
             outputs.extend(keyed);
+            provenance.push(outputs.len(), Provenance::State { partition: -1 });
         }
-        Ok(Processed { outputs, dead_letters, rejected, skipped, changes })
+        Ok(Processed { outputs, provenance, dead_letters, rejected, skipped, changes })
     }
 }
 
@@ -724,42 +1065,33 @@ fn check_can_continue(last: &PluginRun, plugin: &PluginRuntime, path: &std::path
 }
 
 /// Opens the job's checkpoint and checks that this plugin can continue its state. Returns it
-/// with the offsets each partition continues from.
+/// with what the checkpoint says about where the job resumes.
 fn open_checkpoint(
     dir: &std::path::Path,
     job: &JobConfig,
     plugin: &PluginRuntime,
     instance: &mut PluginInstance,
-) -> Result<(JobCheckpoint, BTreeMap<TopicPartition, i64>)> {
+) -> Result<(JobCheckpoint, Resume)> {
     let mut store = Checkpoint::open(dir, job.parallelism as u32)?;
     store.keep_touched_index(job.state_timeout.is_some())?;
     let store = Arc::new(store);
-    let Resume { offsets, last_batch, pending, last_plugin, has_state } = store.resume()?;
+    let resume = store.resume()?;
     let info = &plugin.identity().info;
-    if let Some(last) = last_plugin.filter(|_| has_state) {
-        check_can_continue(&last, plugin, store.path())?;
+    if let Some(last) = resume.last_plugin.as_ref().filter(|_| resume.has_state) {
+        check_can_continue(last, plugin, store.path())?;
     }
-    // An explicit --start is a decision to re-read: the interrupted batch's plan no longer applies.
-    let overridden =
-        |pending: &PendingBatch| pending.ranges.iter().any(|range| job.start.contains_key(&range.partition));
-    let replay = match pending {
-        Some(pending) if overridden(&pending) => {
-            store.discard_pending()?;
-            None
-        }
-        pending => pending,
-    };
     let invertible = plugin.kind() == PluginKind::Windowed
         && instance.inverse_reduce(&[]).map_err(|e| anyhow::anyhow!("plugin {}: {e}", info.name))?.is_some();
     let state_partitions = store.state_partitions()?;
-    match last_batch {
+    match resume.last_batch {
         Some(last) => tracing::info!("resuming from checkpoint {}, last batch {last} ms", store.path().display()),
         None => tracing::info!("starting a new checkpoint in {}", store.path().display()),
     }
-    Ok((JobCheckpoint { store, state_partitions, replay, last_batch, invertible }, offsets))
+    let last_batch = resume.last_batch;
+    Ok((JobCheckpoint { store, state_partitions, last_batch, invertible }, resume))
 }
 
-fn log_batch(report: &BatchReport) {
+fn log_batch(report: &BatchReport, member: &str) {
     let ranges = describe_ranges(&report.ranges);
     let failed = match (report.dead_letters, report.skipped) {
         (0, 0) => String::new(),
@@ -769,8 +1101,13 @@ fn log_batch(report: &BatchReport) {
         Some(rate) => format!("; rate limit {rate:.0} records/s"),
         None => String::new(),
     };
+    let outcome = match (report.replayed, report.fenced) {
+        (_, true) => " (abandoned: fenced)",
+        (true, false) => " (replayed)",
+        (false, false) => "",
+    };
     tracing::info!(
-        "batch {} ms: {} in, {} out, {} rejected{failed}; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",
+        "batch {} ms on {member}{outcome}: {} in, {} out, {} rejected{failed}; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",
         report.batch_time,
         report.records_in,
         report.outputs,

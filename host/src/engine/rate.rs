@@ -249,6 +249,8 @@ mod tests {
             phases: BatchPhases { plugin: Duration::from_millis(50), ..BatchPhases::default() },
             caught_up: false,
             rate: Some(50.0),
+            replayed: false,
+            fenced: false,
         };
         controller.batch_completed(2_100, &report);
         assert_eq!(controller.caps(&[1_000]), None, "without backpressure only the first batch is limited");

@@ -105,7 +105,7 @@ impl Validator {
         if new.info.name != current.info.name && !request.force {
             bail!("{new} is not {} (another plugin name); pass --force to switch anyway", current.info.name);
         }
-        let last = PluginRun::of(&current, &self.job.plugin_config, 0);
+        let last = PluginRun::of(&current, &self.job.plugin_config, &self.job.instance_id, 0);
         if !request.force {
             super::check_can_continue(&last, &runtime, self.checkpoint.path())?;
         }

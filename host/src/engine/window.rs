@@ -21,6 +21,10 @@ pub struct WindowStep<'a> {
     /// Whether the plugin has an inverse reduce.
     pub invertible: bool,
     pub batch_time: i64,
+    /// An earlier piece of this batch committed panes at its time: fold into them.
+    pub continuing: bool,
+    /// No piece of this batch follows: a slide due at its time is emitted now.
+    pub final_piece: bool,
 }
 
 /// One key's panes at a slide, and its previous window result if kept.
@@ -61,14 +65,20 @@ impl WindowStep<'_> {
             Ok(groups.keys().cloned().zip(panes).collect::<Vec<_>>())
         })?;
         changes.panes = panes.into_iter().flatten().collect();
+        if self.continuing {
+            self.fold_into_earlier_pieces(instances, &mut changes.panes)?;
+        }
 
-        if self.batch_time.rem_euclid(self.slide_ms) != 0 {
+        if self.batch_time.rem_euclid(self.slide_ms) != 0 || !self.final_piece {
             return Ok(Vec::new());
         }
         let start = self.batch_time - self.length_ms;
         let mut stored = self.checkpoint.panes()?;
         for (key, pane) in &changes.panes {
-            stored.entry(key.clone()).or_default().push((self.batch_time, pane.clone()));
+            let panes = stored.entry(key.clone()).or_default();
+            // An earlier piece's pane of this batch is replaced by the folded one.
+            panes.retain(|(time, _)| *time != self.batch_time);
+            panes.push((self.batch_time, pane.clone()));
         }
         let mut previous = if self.invertible { self.checkpoint.window_results()? } else { BTreeMap::new() };
         let mut tasks: Vec<SlideTask> = (0..self.partitions)
@@ -113,6 +123,33 @@ impl WindowStep<'_> {
             changes.dropped_windows.extend(result.dropped);
         }
         Ok(outputs)
+    }
+
+    /// Folds this piece's panes into the panes earlier pieces of the same batch committed.
+    fn fold_into_earlier_pieces(
+        &self,
+        instances: &mut [PluginInstance],
+        panes: &mut [(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        let keys: Vec<&[u8]> = panes.iter().map(|(key, _)| key.as_slice()).collect();
+        let earlier = self.checkpoint.panes_at(&keys, self.batch_time)?;
+        let mut folded = Vec::new();
+        let lists: Vec<Vec<Vec<u8>>> = panes
+            .iter()
+            .zip(earlier)
+            .enumerate()
+            .filter_map(|(index, ((_, pane), earlier))| {
+                earlier.map(|earlier| {
+                    folded.push(index);
+                    vec![earlier, pane.clone()]
+                })
+            })
+            .collect();
+        let reduced = reduce_each(&mut instances[0], lists)?;
+        for (index, pane) in folded.into_iter().zip(reduced) {
+            panes[index].1 = pane;
+        }
+        Ok(())
     }
 
     /// One state partition's window results: by inverse reduce from the previous slide's

@@ -1,17 +1,95 @@
-//! Where a batch's outputs go: Kafka topics and the stdout print sink. Delivery is complete
-//! only when every sink has acknowledged, and only then may the batch's offsets be committed.
+//! Where a batch's outputs go: Kafka topics, the stdout print sink and a PostgreSQL table.
+//! Delivery is complete only when every sink has acknowledged, and only then may the batch's
+//! offsets be committed. A record a sink refuses is reported back, not a reason to fail the
+//! batch: the engine applies the job's failure policy to it.
 
 mod kafka;
 mod postgres;
 mod print;
 
-use anyhow::Result;
-
-pub use kafka::KafkaSink;
-pub use postgres::PostgresSink;
+pub use kafka::{KafkaSink, Undelivered};
+pub use postgres::{PostgresSink, RejectedRow, WriteError, Written};
 pub use print::PrintSink;
 
 use crate::runtime::OutputRecord;
+use crate::source::RawHeader;
+
+/// A record a sink can send: a plugin's output, or a dead letter.
+pub trait Outgoing {
+    /// Its own target topic, if it names one.
+    fn topic(&self) -> Option<&str>;
+    fn key(&self) -> Option<&[u8]>;
+    fn value(&self) -> Option<&[u8]>;
+    fn header_count(&self) -> usize;
+    /// Calls `f` with each header's name and value, in order.
+    fn for_each_header(&self, f: impl FnMut(&[u8], Option<&[u8]>));
+}
+
+impl Outgoing for OutputRecord {
+    fn topic(&self) -> Option<&str> {
+        self.topic.as_deref()
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    fn for_each_header(&self, mut f: impl FnMut(&[u8], Option<&[u8]>)) {
+        for header in &self.headers {
+            f(header.key.as_bytes(), header.value.as_deref());
+        }
+    }
+}
+
+/// A record that could not be processed or delivered, on its way to the dead-letter topic:
+/// the original key, value and headers (names as bytes: a record the plugin could not be given
+/// because of its header names keeps them), plus headers saying what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<RawHeader>,
+}
+
+impl DeadLetter {
+    /// Adds a text header.
+    pub fn header(&mut self, name: &str, value: impl Into<String>) {
+        self.headers.push(RawHeader { name: name.as_bytes().to_vec(), value: Some(value.into().into_bytes()) });
+    }
+}
+
+impl Outgoing for DeadLetter {
+    fn topic(&self) -> Option<&str> {
+        Some(&self.topic)
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    fn for_each_header(&self, mut f: impl FnMut(&[u8], Option<&[u8]>)) {
+        for header in &self.headers {
+            f(&header.name, header.value.as_deref());
+        }
+    }
+}
 
 /// The job's sinks.
 pub struct Sinks {
@@ -19,29 +97,4 @@ pub struct Sinks {
     pub print: Option<PrintSink>,
     /// Takes the outputs without a topic, with `--postgres-table`.
     pub postgres: Option<PostgresSink>,
-}
-
-impl Sinks {
-    /// Delivers one batch's outputs and dead letters (to Kafka only, never printed) and waits
-    /// for every acknowledgement.
-    pub fn deliver(&mut self, batch_time: i64, outputs: &[OutputRecord], dead_letters: &[OutputRecord]) -> Result<()> {
-        if let Some(print) = &mut self.print {
-            print.print(batch_time, outputs)?;
-        }
-        self.kafka.send_all(outputs)?;
-        if !dead_letters.is_empty() {
-            self.kafka.send_all(dead_letters)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the batch's table rows (outputs without a topic) and, in transactional mode, its
-    /// offsets, in one database transaction. Runs in the commit step, after `deliver`.
-    pub fn write_rows(&mut self, outputs: &[OutputRecord], ranges: &[crate::source::OffsetRange]) -> Result<()> {
-        if let Some(postgres) = &mut self.postgres {
-            let rows: Vec<&OutputRecord> = outputs.iter().filter(|output| output.topic.is_none()).collect();
-            postgres.write_batch(&rows, ranges)?;
-        }
-        Ok(())
-    }
 }

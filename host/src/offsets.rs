@@ -1,5 +1,6 @@
-//! Offset ranges and starting positions: the pure arithmetic of direct mode, kept apart from
-//! the Kafka client so it can be tested on its own.
+//! Offset ranges, starting positions and the policies around them: the plain types of direct
+//! mode, shared by the source, the engine, the checkpoint and the configuration, and kept apart
+//! from the Kafka client so their arithmetic can be tested on its own.
 
 use std::fmt;
 use std::str::FromStr;
@@ -101,26 +102,35 @@ pub enum AutoOffsetReset {
     Latest,
 }
 
-/// Where a partition's first batch starts, and why (logged, so a surprising start is explained).
+/// Where a partition's first batch on this host starts, and why (logged, so a surprising
+/// start is explained).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartPosition {
-    /// `--start TOPIC:PARTITION=OFFSET`.
+    /// `--start TOPIC:PARTITION=OFFSET`, applied once.
     Explicit(i64),
-    /// Where the job's checkpoint (`--checkpoint`) says the last committed batch ended.
-    Checkpoint(i64),
-    /// The offset committed to the consumer group.
+    /// `sluice_offsets` of `--postgres-mode transactional`, where rows and offsets commit together.
+    Database(i64),
+    /// The offset committed to the consumer group: the authority on where a partition
+    /// continues, whichever member processed it last.
     Committed(i64),
+    /// The job's checkpoint, when the group has no offset or is behind the checkpoint.
+    Checkpoint(i64),
     /// No position known: `--auto-offset-reset`.
     Reset(AutoOffsetReset, i64),
+    /// No position known and the partition was created while the job ran: its earliest
+    /// offset, so nothing written to it before the next batch is skipped.
+    New(i64),
 }
 
 impl StartPosition {
     pub fn offset(self) -> i64 {
         match self {
             StartPosition::Explicit(offset)
-            | StartPosition::Checkpoint(offset)
+            | StartPosition::Database(offset)
             | StartPosition::Committed(offset)
-            | StartPosition::Reset(_, offset) => offset,
+            | StartPosition::Checkpoint(offset)
+            | StartPosition::Reset(_, offset)
+            | StartPosition::New(offset) => offset,
         }
     }
 }
@@ -129,12 +139,12 @@ impl fmt::Display for StartPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartPosition::Explicit(offset) => write!(f, "{offset} (--start)"),
-            StartPosition::Checkpoint(offset) => write!(f, "{offset} (checkpoint)"),
+            StartPosition::Database(offset) => write!(f, "{offset} (sluice_offsets)"),
             StartPosition::Committed(offset) => write!(f, "{offset} (committed)"),
-            StartPosition::Reset(AutoOffsetReset::Earliest, offset) => {
-                write!(f, "{offset} (earliest)")
-            }
+            StartPosition::Checkpoint(offset) => write!(f, "{offset} (checkpoint)"),
+            StartPosition::Reset(AutoOffsetReset::Earliest, offset) => write!(f, "{offset} (earliest)"),
             StartPosition::Reset(AutoOffsetReset::Latest, offset) => write!(f, "{offset} (latest)"),
+            StartPosition::New(offset) => write!(f, "{offset} (earliest: a partition created while the job ran)"),
         }
     }
 }
@@ -142,24 +152,39 @@ impl fmt::Display for StartPosition {
 /// Where a partition could start, one candidate per source of truth.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StartCandidates {
-    /// `--start TOPIC:PARTITION=OFFSET`.
+    /// `--start TOPIC:PARTITION=OFFSET`, if not applied before.
     pub explicit: Option<i64>,
-    /// The checkpoint's offset: it moves in the same transaction as the job's state.
-    pub checkpoint: Option<i64>,
+    /// The database's offset, when the database is where offsets commit.
+    pub database: Option<i64>,
     /// The consumer group's committed offset.
     pub committed: Option<i64>,
+    /// The checkpoint's offset.
+    pub checkpoint: Option<i64>,
+    /// The partition did not exist when this host started.
+    pub created_since_start: bool,
 }
 
-/// Picks a partition's starting offset. Precedence, highest first: an explicit `--start`, the
-/// checkpoint, the group's committed offset, then the reset policy against the log's current
-/// bounds `[low, high)`. Whether the result is still in the log is [`check_in_log`]'s business.
+/// Picks a partition's starting offset. Precedence, highest first: an explicit `--start` not
+/// applied before, the database (when it holds the offsets), then the group's committed offset
+/// or the checkpoint's, whichever is further (the group is normally at or ahead of the
+/// checkpoint, which commits after it; a group behind the checkpoint was rewound by hand, and
+/// re-reading would count state twice), then the reset policy against the log's current bounds
+/// `[low, high)` (earliest for partitions created while the job ran). Whether the result is
+/// still in the log is [`check_in_log`]'s business.
 pub fn start_position(candidates: StartCandidates, reset: AutoOffsetReset, (low, high): (i64, i64)) -> StartPosition {
-    let StartCandidates { explicit, checkpoint, committed } = candidates;
-    match (explicit, checkpoint, committed) {
-        (Some(offset), _, _) => StartPosition::Explicit(offset),
-        (None, Some(offset), _) => StartPosition::Checkpoint(offset),
-        (None, None, Some(offset)) => StartPosition::Committed(offset),
-        (None, None, None) => match reset {
+    let StartCandidates { explicit, database, committed, checkpoint, created_since_start } = candidates;
+    if let Some(offset) = explicit {
+        return StartPosition::Explicit(offset);
+    }
+    if let Some(offset) = database {
+        return StartPosition::Database(offset);
+    }
+    match (committed, checkpoint) {
+        (Some(committed), Some(checkpoint)) if checkpoint > committed => StartPosition::Checkpoint(checkpoint),
+        (Some(committed), _) => StartPosition::Committed(committed),
+        (None, Some(checkpoint)) => StartPosition::Checkpoint(checkpoint),
+        (None, None) if created_since_start => StartPosition::New(low),
+        (None, None) => match reset {
             AutoOffsetReset::Earliest => StartPosition::Reset(reset, low),
             AutoOffsetReset::Latest => StartPosition::Reset(reset, high),
         },
@@ -233,33 +258,39 @@ mod tests {
         TopicPartition::new("in", 3)
     }
 
-    fn candidates(explicit: Option<i64>, checkpoint: Option<i64>, committed: Option<i64>) -> StartCandidates {
-        StartCandidates { explicit, checkpoint, committed }
+    fn candidates(explicit: Option<i64>, committed: Option<i64>, checkpoint: Option<i64>) -> StartCandidates {
+        StartCandidates { explicit, committed, checkpoint, ..StartCandidates::default() }
     }
 
     #[test]
-    fn explicit_start_beats_committed_and_reset() {
-        let start = start_position(candidates(Some(5), Some(7), Some(9)), AutoOffsetReset::Latest, (0, 20));
+    fn an_explicit_start_beats_everything() {
+        let start = start_position(candidates(Some(5), Some(9), Some(7)), AutoOffsetReset::Latest, (0, 20));
         assert_eq!(start, StartPosition::Explicit(5));
     }
 
     #[test]
-    fn the_checkpoint_beats_committed_offsets() {
-        let start = start_position(candidates(None, Some(7), Some(9)), AutoOffsetReset::Latest, (0, 20));
-        assert_eq!(start, StartPosition::Checkpoint(7));
+    fn the_database_beats_the_group_when_it_holds_the_offsets() {
+        let both = StartCandidates { database: Some(3), committed: Some(9), ..StartCandidates::default() };
+        assert_eq!(start_position(both, AutoOffsetReset::Latest, (0, 20)), StartPosition::Database(3));
     }
 
     #[test]
-    fn committed_beats_reset() {
-        let start = start_position(candidates(None, None, Some(9)), AutoOffsetReset::Earliest, (0, 20));
-        assert_eq!(start, StartPosition::Committed(9));
+    fn the_group_is_the_authority_unless_it_fell_behind_the_checkpoint() {
+        let ahead = start_position(candidates(None, Some(9), Some(7)), AutoOffsetReset::Latest, (0, 20));
+        assert_eq!(ahead, StartPosition::Committed(9), "another member moved on: the group wins");
+        let behind = start_position(candidates(None, Some(4), Some(7)), AutoOffsetReset::Latest, (0, 20));
+        assert_eq!(behind, StartPosition::Checkpoint(7), "a rewound group must not re-count state");
+        let only = start_position(candidates(None, None, Some(7)), AutoOffsetReset::Latest, (0, 20));
+        assert_eq!(only, StartPosition::Checkpoint(7), "the group's offsets expired");
     }
 
     #[test]
-    fn reset_uses_the_log_bounds() {
+    fn reset_uses_the_log_bounds_and_new_partitions_start_at_their_beginning() {
         let earliest = start_position(candidates(None, None, None), AutoOffsetReset::Earliest, (4, 20));
         let latest = start_position(candidates(None, None, None), AutoOffsetReset::Latest, (4, 20));
         assert_eq!((earliest.offset(), latest.offset()), (4, 20));
+        let created = StartCandidates { created_since_start: true, ..StartCandidates::default() };
+        assert_eq!(start_position(created, AutoOffsetReset::Latest, (4, 20)), StartPosition::New(4));
     }
 
     #[test]

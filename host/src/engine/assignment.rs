@@ -1,0 +1,196 @@
+//! Which partitions this host works on and where each continues (Kafka Streams' `TaskManager`
+//! role): applies the group's assignment changes at batch boundaries, picks each newly
+//! assigned partition's start (a one-time `--start`, the database, the group's committed
+//! offset or the checkpoint's, the reset policy), and reconciles a batch the last run planned
+//! but did not finish with what the group has committed since. docs/adr/0007 has the rules.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use anyhow::Result;
+
+use crate::checkpoint::PendingBatch;
+use crate::config::JobConfig;
+use crate::offsets::{OffsetRange, StartCandidates, StartPosition, TopicPartition, check_in_log, start_position};
+use crate::source::{Assigned, Committed};
+
+/// A batch to run again: (the rest of) a plan an earlier run did not commit, with the batch
+/// time it was planned with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub batch_time: i64,
+    pub ranges: Vec<OffsetRange>,
+    /// `false` when Kafka already holds the batch's outputs and offsets and only its state
+    /// changes were lost: the replay rebuilds state and delivers nothing.
+    pub deliver: bool,
+}
+
+/// Where partitions continue, as far as this host knows.
+#[derive(Debug, Default)]
+pub struct Positions {
+    /// `--start` offsets the job has applied, per partition: a `--start` is a one-time seek.
+    pub applied_starts: BTreeMap<TopicPartition, i64>,
+    /// Starts applied since the last checkpoint commit, to be recorded there.
+    pub newly_applied: Vec<(TopicPartition, i64)>,
+    /// The checkpoint's offsets: where this host's last committed batches ended.
+    pub checkpoint: BTreeMap<TopicPartition, i64>,
+}
+
+impl Positions {
+    /// Chooses where each newly assigned partition starts. `database` holds the offsets of
+    /// `--postgres-mode transactional`, the authority in that mode.
+    pub fn choose(
+        &mut self,
+        job: &JobConfig,
+        assigned: &[Assigned],
+        database: Option<&BTreeMap<TopicPartition, i64>>,
+    ) -> Result<Vec<i64>> {
+        let mut chosen = Vec::with_capacity(assigned.len());
+        for partition in assigned {
+            let tp = &partition.partition;
+            // What the group's metadata says was applied counts too: a job without a
+            // checkpoint remembers its `--start` there.
+            let remembered = partition.committed.as_ref().and_then(|c| c.metadata.as_ref()).and_then(|m| m.start);
+            if let Some(start) = remembered {
+                self.applied_starts.entry(tp.clone()).or_insert(start);
+            }
+            let explicit = match job.start.get(tp) {
+                Some(&start) if self.applied_starts.get(tp) == Some(&start) => {
+                    tracing::info!(
+                        "{tp}: --start {start} was applied before; ignored (give another offset to seek again)"
+                    );
+                    None
+                }
+                other => other.copied(),
+            };
+            let candidates = StartCandidates {
+                explicit,
+                database: database.and_then(|offsets| offsets.get(tp).copied()),
+                committed: partition.committed.as_ref().map(|c| c.offset),
+                checkpoint: self.checkpoint.get(tp).copied(),
+                created_since_start: partition.created_since_start,
+            };
+            let start = start_position(candidates, job.auto_offset_reset, partition.bounds);
+            if let StartPosition::Explicit(offset) = start {
+                self.applied_starts.insert(tp.clone(), offset);
+                self.newly_applied.push((tp.clone(), offset));
+            }
+            if let (StartPosition::Checkpoint(checkpoint), Some(committed)) = (start, &partition.committed) {
+                tracing::warn!(
+                    "{tp}: the group's committed offset {} is behind the checkpoint's {checkpoint}; continuing from the \
+                     checkpoint (the group was rewound by hand? use --start to re-read)",
+                    committed.offset
+                );
+            }
+            let mut offset = start.offset();
+            match check_in_log(tp, offset, partition.bounds, job.on_offset_out_of_range)? {
+                None => tracing::info!("{tp} starts at offset {start}"),
+                Some(moved) => {
+                    tracing::warn!("{tp}: start offset {start}: {moved} (--on-offset-out-of-range)");
+                    offset = moved.to;
+                }
+            }
+            chosen.push(offset);
+        }
+        Ok(chosen)
+    }
+}
+
+/// Turns a batch the last run planned but did not commit into the replays that finish it,
+/// given where each of its partitions starts now and what the group committed:
+///
+/// - a partition that starts at its range's beginning replays the range in full;
+/// - one whose range the group holds already (the group committed the batch, the checkpoint
+///   did not get to) replays it without delivering — for state only (`stateful`); a transform
+///   has nothing to rebuild and skips it;
+/// - one the group committed part of (the batch ran in pieces) does both, in order;
+/// - any other (another member moved it on, or a new `--start`) leaves the plan.
+pub fn reconcile(
+    plan: PendingBatch,
+    starts: &BTreeMap<TopicPartition, (i64, Option<Committed>)>,
+    stateful: bool,
+) -> VecDeque<Replay> {
+    let (mut silent, mut full) = (Vec::new(), Vec::new());
+    for range in plan.ranges {
+        let Some((start, committed)) = starts.get(&range.partition) else {
+            tracing::info!("{}: the interrupted batch's range {range} belongs to another member now", range.partition);
+            continue;
+        };
+        let ours = committed.as_ref().and_then(|c| c.metadata.as_ref()).is_some_and(|m| m.batch == plan.batch_time);
+        match *start {
+            start if start == range.from => full.push(range),
+            start if start > range.from && start <= range.until && ours => {
+                if stateful {
+                    silent.push(OffsetRange { partition: range.partition.clone(), from: range.from, until: start });
+                }
+                if start < range.until {
+                    full.push(OffsetRange { partition: range.partition, from: start, until: range.until });
+                }
+            }
+            start => tracing::info!(
+                "{}: the interrupted batch's range {range} no longer applies (the partition continues at {start})",
+                range.partition
+            ),
+        }
+    }
+    let mut replays = VecDeque::new();
+    if !silent.is_empty() {
+        replays.push_back(Replay { batch_time: plan.batch_time, ranges: silent, deliver: false });
+    }
+    if !full.is_empty() {
+        replays.push_back(Replay { batch_time: plan.batch_time, ranges: full, deliver: true });
+    }
+    replays
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::CommitMetadata;
+
+    fn range(partition: i32, from: i64, until: i64) -> OffsetRange {
+        OffsetRange { partition: TopicPartition::new("in", partition), from, until }
+    }
+
+    fn committed(offset: i64, batch: i64) -> Option<Committed> {
+        Some(Committed { offset, metadata: Some(CommitMetadata { batch, ..CommitMetadata::default() }) })
+    }
+
+    #[test]
+    fn an_interrupted_batch_is_replayed_from_what_the_group_holds() {
+        let plan = PendingBatch {
+            batch_time: 1000,
+            ranges: vec![range(0, 0, 10), range(1, 5, 9), range(2, 3, 7), range(3, 0, 4)],
+        };
+        let starts = BTreeMap::from([
+            // Not committed anywhere: replay in full.
+            (TopicPartition::new("in", 0), (0, committed(0, 900))),
+            // Committed to the group by this batch, not to the checkpoint: state only.
+            (TopicPartition::new("in", 1), (9, committed(9, 1000))),
+            // A piece of it committed: the rest is delivered.
+            (TopicPartition::new("in", 2), (5, committed(5, 1000))),
+            // Moved on by another member: not ours to replay.
+            (TopicPartition::new("in", 3), (12, committed(12, 1500))),
+        ]);
+        let replays = reconcile(plan.clone(), &starts, true);
+        assert_eq!(
+            replays,
+            [
+                Replay { batch_time: 1000, ranges: vec![range(1, 5, 9), range(2, 3, 5)], deliver: false },
+                Replay { batch_time: 1000, ranges: vec![range(0, 0, 10), range(2, 5, 7)], deliver: true },
+            ]
+        );
+        // A transform has no state to rebuild.
+        let replays = reconcile(plan, &starts, false);
+        assert_eq!(
+            replays,
+            [Replay { batch_time: 1000, ranges: vec![range(0, 0, 10), range(2, 5, 7)], deliver: true }]
+        );
+    }
+
+    #[test]
+    fn a_group_at_the_plans_end_by_another_batch_is_not_this_plan() {
+        let plan = PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)] };
+        let starts = BTreeMap::from([(TopicPartition::new("in", 0), (10, committed(10, 1200)))]);
+        assert!(reconcile(plan, &starts, true).is_empty());
+    }
+}
