@@ -7,7 +7,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use sluice_host::broker::Api;
 use sluice_host::config::{RateLimits, Topics};
 use sluice_host::engine::{Engine, Shutdown};
-use sluice_host::offsets::TopicPartition;
+use sluice_host::offsets::AutoOffsetReset;
 
 use crate::harness::{self, BrokerProcess, run_host};
 use crate::mock_kafka::{MockKafka, Record, run, run_observed};
@@ -95,14 +95,17 @@ async fn backpressure_shrinks_batches_to_fit_the_interval_and_grows_them_back() 
     assert!(*largest_after_smallest > smallest * 4, "batches never grew back: {trace:?}");
 }
 
+/// With `--auto-offset-reset latest`, what the first topic held before the job started is
+/// skipped; a topic created while the job runs is read from its beginning, so records written
+/// to it before the next batch are not lost. A topic whose metadata briefly carries an error
+/// is not taken for deleted.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_topic_created_while_running_under_the_pattern_is_consumed() {
+async fn a_topic_created_while_running_under_the_pattern_is_read_from_its_beginning() {
     let kafka = MockKafka::new();
     let prefix = harness::unique("disc");
     let first = format!("{prefix}-a");
     kafka.cluster.create_topic(&first, 2).unwrap();
-    let input = values("a", 10);
-    kafka.produce(&first, &records(&input, 2));
+    kafka.produce(&first, &records(&values("before", 10), 2));
 
     let mut job = kafka.job(
         sluice_plugin_artifacts::BUSY,
@@ -110,31 +113,53 @@ async fn a_topic_created_while_running_under_the_pattern_is_consumed() {
         "discovery",
     );
     job.stop_when_caught_up = false;
+    job.auto_offset_reset = AutoOffsetReset::Latest;
     let engine = tokio::task::block_in_place(|| Engine::start(job)).unwrap();
     let (shutdown, stop) = Shutdown::manual();
     let second = format!("{prefix}-b");
-    let later = values("b", 6);
-    let (mut seen, mut created) = (0, false);
+    let (after, later, last) = (values("after", 4), values("b", 6), values("last", 2));
+    let (mut seen, mut batches) = (0, 0);
+    let mut without_first = 0;
     let summary = engine
         .run_observed(shutdown, |report| {
             seen += report.records_in;
-            if !created {
-                // After the first batch: a new matching topic appears, with records in it.
-                kafka.cluster.create_topic(&second, 3).unwrap();
-                kafka.produce(&second, &records(&later, 3));
-                created = true;
+            batches += 1;
+            // The first topic is in every batch: a metadata hiccup does not drop it (which
+            // would revoke its partitions and bring them back a rebalance later).
+            if !report.ranges.iter().any(|range| range.partition.topic == first) {
+                without_first += 1;
             }
-            if seen == 16 {
-                stop.send(true).unwrap();
+            match batches {
+                // After the first batch: records for the first topic, and a new matching topic
+                // with records in it before any batch has seen it.
+                1 => {
+                    kafka.produce(&first, &records(&after, 2));
+                    kafka.cluster.create_topic(&second, 3).unwrap();
+                    kafka.produce(&second, &records(&later, 3));
+                }
+                // Once both are read, the first topic's metadata breaks for one answer...
+                _ if seen == 10 && batches < 100 => {
+                    kafka.cluster.set_topic_error(&first, Some(RDKafkaErrorCode::LeaderNotAvailable)).unwrap();
+                    batches = 100;
+                }
+                // ...and is fine again; the topic is still read.
+                101 => {
+                    kafka.cluster.set_topic_error(&first, None).unwrap();
+                    kafka.produce(&first, &records(&last, 2));
+                }
+                _ if seen == 12 => stop.send(true).unwrap(),
+                _ => {}
             }
             Ok(())
         })
         .await
         .unwrap();
-    assert_eq!(summary.records_in, 16);
-    let partitions: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(&second, p)).collect();
+    assert_eq!(summary.records_in, 12, "4 + 6 + 2: nothing of before the start, nothing lost after");
+    assert_eq!(without_first, 0, "batches without the first topic");
     let committed = kafka.committed("discovery", &second, 3);
-    assert_eq!(committed.values().map(|c| c.unwrap()).sum::<i64>(), 6, "{partitions:?}: {committed:?}");
+    assert_eq!(committed.values().map(|c| c.unwrap()).sum::<i64>(), 6, "{committed:?}");
+    let committed = kafka.committed("discovery", &first, 2);
+    assert_eq!(committed.values().map(|c| c.unwrap()).sum::<i64>(), 16, "{committed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -236,6 +236,17 @@ pub fn produce(brokers: &str, topic: &str, records: &[Input]) {
     assert_eq!(answer["produced"], records.len());
 }
 
+/// Produces `values` to `partition` with Kafka's "no timestamp" (-1), which kafka-python can
+/// write and librdkafka cannot.
+pub fn produce_without_timestamps(brokers: &str, topic: &str, partition: i32, values: &[&str]) {
+    let lines: String = values
+        .iter()
+        .map(|value| serde_json::json!({"partition": partition, "value": value, "timestamp": -1}).to_string() + "\n")
+        .collect();
+    let answer: serde_json::Value = kafka_check(&["produce", "--brokers", brokers, "--topic", topic], &lines);
+    assert_eq!(answer["produced"], values.len());
+}
+
 /// A record read back from a topic.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 pub struct Consumed {
@@ -345,6 +356,7 @@ pub struct PgServer {
     data: tempfile::TempDir,
     bin: std::path::PathBuf,
     pub port: u16,
+    as_root: bool,
 }
 
 impl PgServer {
@@ -356,32 +368,59 @@ impl PgServer {
             let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(data.path()).status().unwrap();
             assert!(status.success(), "chown the PostgreSQL data directory");
         }
-        let run = |program: &str, args: &[&str]| {
-            let program = bin.join(program);
-            let mut command = if as_root {
-                let mut command = Command::new("runuser");
-                command.args(["-u", "postgres", "--"]).arg(&program);
-                command
-            } else {
-                Command::new(&program)
-            };
-            let output =
-                command.args(args).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-            assert!(
-                output.status.success(),
-                "{} failed:\n{}",
-                program.display(),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        let cluster = data.path().join("cluster");
-        let cluster = cluster.to_str().unwrap();
-        run("initdb", &["--auth=trust", "--username=postgres", "--encoding=UTF8", "-D", cluster]);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let options = format!("-p {port} -c listen_addresses=127.0.0.1 -k {}", data.path().display());
-        let log = data.path().join("server.log");
-        run("pg_ctl", &["start", "-w", "-D", cluster, "-l", log.to_str().unwrap(), "-o", &options]);
-        PgServer { data, bin, port }
+        let server = PgServer { data, bin, port, as_root };
+        let cluster = server.cluster();
+        server.run("initdb", &["--auth=trust", "--username=postgres", "--encoding=UTF8", "-D", &cluster]);
+        server.server("start");
+        server
+    }
+
+    /// `pg_ctl restart`: the server goes away and comes back, as in a maintenance window.
+    pub fn restart(&self) {
+        self.server("restart");
+    }
+
+    /// `pg_ctl stop -m fast`: connections are closed and the server is gone until [`Self::resume`].
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["stop", "-w", "-m", "fast", "-D", &self.cluster()]);
+    }
+
+    /// Starts a stopped server again.
+    pub fn resume(&self) {
+        self.server("start");
+    }
+
+    fn cluster(&self) -> String {
+        self.data.path().join("cluster").to_str().unwrap().to_string()
+    }
+
+    fn server(&self, action: &str) {
+        let options = format!("-p {} -c listen_addresses=127.0.0.1 -k {}", self.port, self.data.path().display());
+        let log = self.data.path().join("server.log");
+        self.run(
+            "pg_ctl",
+            &[action, "-w", "-m", "fast", "-D", &self.cluster(), "-l", log.to_str().unwrap(), "-o", &options],
+        );
+    }
+
+    /// Runs one of PostgreSQL's programs and checks it succeeded.
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self.command(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(output.status.success(), "{program} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// One of PostgreSQL's programs, as the `postgres` user when the tests run as root
+    /// (PostgreSQL refuses to run as root).
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        if self.as_root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&program);
+            command
+        } else {
+            Command::new(&program)
+        }
     }
 
     /// The connection string for `host run --postgres`.
@@ -403,14 +442,7 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let cluster = self.data.path().join("cluster");
-        let pg_ctl = self.bin.join("pg_ctl");
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(&pg_ctl);
-        let stopped = command.args(["stop", "-m", "immediate", "-D"]).arg(&cluster).output();
-        if !stopped.is_ok_and(|out| out.status.success()) {
-            let _ = Command::new(&pg_ctl).args(["stop", "-m", "immediate", "-D"]).arg(&cluster).output();
-        }
+        let _ = self.command("pg_ctl").args(["stop", "-m", "immediate", "-D", &self.cluster()]).output();
     }
 }
 

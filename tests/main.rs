@@ -15,16 +15,24 @@ mod demo;
 mod etl_in_process;
 /// `host run` as a separate process against a `host dev-broker` process.
 mod etl_process;
+/// Broker faults through the mock cluster's fault API and from outside: every record once.
+mod faults;
 /// Rate limits, backpressure, topic discovery, lost offsets, commit failures.
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
 mod graceful_stop;
+/// Records from foreign producers: any header bytes, odd keys, tombstones; panics named.
+mod odd_records;
 /// The PostgreSQL sink against a real server: transactions, upserts, bad databases.
 mod postgres;
+/// Restarts: a backlog batch replayed in pieces within smaller bounds; a one-time --start.
+mod restarts;
 /// Misbehaving plugins: limits, capabilities and failure policies.
 mod sandbox;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
+/// Outputs the sinks refuse: too large, or for a topic outside the allow-list.
+mod undeliverable;
 /// Hot upgrades through the admin endpoint: switch, rollback, refusals.
 mod upgrade;
 /// Windows and state timeouts against brute-force computations, across a restart.

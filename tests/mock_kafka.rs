@@ -42,7 +42,31 @@ pub struct Consumed {
 }
 
 pub struct MockKafka {
-    pub cluster: DevBroker,
+    /// Shared, so a test can inject faults from another thread while a job runs.
+    pub cluster: std::sync::Arc<DevBroker>,
+}
+
+/// One record with bytes everywhere, as a foreign producer may write it: header names need
+/// not be UTF-8, and the timestamp may be Kafka's "none" (-1).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RawRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Logs of in-process jobs go to the test's output when `SLUICE_TEST_LOG` is set (a filter such
+/// as `info`), for debugging a failing test.
+pub fn init_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("SLUICE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
 
 impl MockKafka {
@@ -52,7 +76,8 @@ impl MockKafka {
 
     /// A cluster of `brokers` brokers (ids 1 to `brokers`).
     pub fn with_brokers(brokers: i32) -> MockKafka {
-        MockKafka { cluster: DevBroker::start(brokers, &[]).unwrap() }
+        init_logs();
+        MockKafka { cluster: std::sync::Arc::new(DevBroker::start(brokers, &[]).unwrap()) }
     }
 
     pub fn brokers(&self) -> String {
@@ -85,15 +110,72 @@ impl MockKafka {
         producer.flush(TIMEOUT).unwrap();
     }
 
-    /// Every value in `topic`, sorted.
-    pub fn values(&self, topic: &str) -> Vec<String> {
-        let mut values: Vec<String> = self.records(topic).into_iter().map(|record| record.value).collect();
-        values.sort();
-        values
+    /// Produces `records` to `partition` of `topic` through librdkafka's C API, so header names
+    /// can be any bytes (rdkafka's own API takes them as `&str`).
+    pub fn produce_raw(&self, topic: &str, partition: i32, records: &[RawRecord]) {
+        use rdkafka::bindings as rdsys;
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            ClientConfig::new().set("bootstrap.servers", self.brokers()).create().unwrap();
+        for record in records {
+            let headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            let native =
+                headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders as *mut rdsys::rd_kafka_headers_t;
+            for (name, value) in &record.headers {
+                let (value_ptr, value_len) =
+                    value.as_ref().map_or((std::ptr::null(), 0), |v| (v.as_ptr().cast(), v.len() as isize));
+                // SAFETY: a live header list; librdkafka copies name and value.
+                let error = unsafe {
+                    rdsys::rd_kafka_header_add(native, name.as_ptr().cast(), name.len() as isize, value_ptr, value_len)
+                };
+                assert_eq!(error, rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+            }
+            let mut message = BaseRecord::<[u8], [u8]>::to(topic).partition(partition).headers(headers);
+            if let Some(key) = &record.key {
+                message = message.key(key.as_slice());
+            }
+            if let Some(value) = &record.value {
+                message = message.payload(value.as_slice());
+            }
+            producer.send(message).map_err(|(e, _)| e).unwrap();
+        }
+        producer.flush(TIMEOUT).unwrap();
     }
 
-    /// Every record in `topic`, partition by partition, in offset order.
-    pub fn records(&self, topic: &str) -> Vec<Consumed> {
+    /// Every record of `topic` as `(partition, offset, record, timestamp)`, headers read through
+    /// librdkafka's C API (names as bytes).
+    pub fn raw_records(&self, topic: &str) -> Vec<(i32, i64, RawRecord, Option<i64>)> {
+        use rdkafka::bindings as rdsys;
+        let mut records = Vec::new();
+        self.read_all(topic, |message| {
+            let mut list: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
+            let mut headers = Vec::new();
+            // SAFETY: the message is live while borrowed; librdkafka owns the header buffers.
+            if unsafe { rdsys::rd_kafka_message_headers(message.ptr(), &mut list) }
+                == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            {
+                for index in 0..unsafe { rdsys::rd_kafka_header_cnt(list) } {
+                    let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+                    unsafe { rdsys::rd_kafka_header_get_all(list, index, &mut name, &mut value, &mut size) };
+                    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes().to_vec();
+                    let value = (!value.is_null())
+                        .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
+                    headers.push((name, value));
+                }
+            }
+            let record = RawRecord {
+                key: message.key().map(<[u8]>::to_vec),
+                value: message.payload().map(<[u8]>::to_vec),
+                headers,
+            };
+            records.push((message.partition(), message.offset(), record, message.timestamp().to_millis()));
+        });
+        records.sort_by_key(|(partition, offset, _, _)| (*partition, *offset));
+        records
+    }
+
+    /// Reads `topic` from the beginning of every partition to its end as it is now, calling
+    /// `visit` with each record.
+    fn read_all(&self, topic: &str, mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>)) {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", crate::harness::unique("reader"))
@@ -108,9 +190,24 @@ impl MockKafka {
             assignment.add_partition_offset(topic, partition.id(), Offset::Offset(low)).unwrap();
         }
         consumer.assign(&assignment).unwrap();
-        let mut records = Vec::new();
         while remaining > 0 {
             let message = consumer.poll(TIMEOUT).expect("records within the timeout").unwrap();
+            visit(&message);
+            remaining -= 1;
+        }
+    }
+
+    /// Every value in `topic`, sorted.
+    pub fn values(&self, topic: &str) -> Vec<String> {
+        let mut values: Vec<String> = self.records(topic).into_iter().map(|record| record.value).collect();
+        values.sort();
+        values
+    }
+
+    /// Every record in `topic`, partition by partition, in offset order.
+    pub fn records(&self, topic: &str) -> Vec<Consumed> {
+        let mut records = Vec::new();
+        self.read_all(topic, |message| {
             let text = |bytes: Option<&[u8]>| bytes.map(|b| String::from_utf8(b.to_vec()).unwrap());
             let headers = message
                 .headers()
@@ -123,8 +220,7 @@ impl MockKafka {
                 value: text(message.payload()).unwrap_or_default(),
                 headers,
             });
-            remaining -= 1;
-        }
+        });
         records.sort_by_key(|record| (record.partition, record.offset));
         records
     }

@@ -44,7 +44,7 @@ pub fn count(inputs: &[Input]) -> BTreeMap<String, u64> {
 }
 
 /// The checkpoint's state, read with `host checkpoint dump`.
-fn checkpoint_state(dir: &Path) -> BTreeMap<String, u64> {
+pub fn checkpoint_state(dir: &Path) -> BTreeMap<String, u64> {
     let run = run_host(host().args(["checkpoint", "dump"]).arg(dir), LIMIT);
     run.assert_success();
     run.stdout()
@@ -72,7 +72,7 @@ fn latest_outputs(brokers: &str, topic: &str) -> BTreeMap<String, u64> {
 }
 
 /// `host run` of a stateful `plugin` from the start of `topic`, in small batches, until caught up.
-fn stateful_job(plugin: &str, brokers: &str, topic: &str, group: &str, output: &str, checkpoint: &Path) -> Command {
+pub fn stateful_job(plugin: &str, brokers: &str, topic: &str, group: &str, output: &str, checkpoint: &Path) -> Command {
     let mut command = host();
     command
         .args(["run", "--plugin", plugin, "--brokers", brokers, "--topic", topic])
@@ -86,7 +86,7 @@ fn stateful_job(plugin: &str, brokers: &str, topic: &str, group: &str, output: &
 }
 
 /// Asserts the checkpoint and the group both say every partition is read to its end.
-fn assert_everything_read(brokers: &str, topic: &str, group: &str, checkpoint: &Path) {
+pub fn assert_everything_read(brokers: &str, topic: &str, group: &str, checkpoint: &Path) {
     let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(checkpoint), LIMIT);
     for (partition, offsets) in offsets(brokers, topic, group) {
         assert_eq!(offsets.committed, Some(offsets.end), "{topic}:{partition} committed vs log end");

@@ -156,6 +156,16 @@ impl DevBroker {
         };
     }
 
+    /// Makes metadata answers report `error` for `topic` (`None` clears it), as a broker whose
+    /// view of a topic is briefly broken does.
+    pub fn set_topic_error(&self, topic: &str, error: Option<RDKafkaErrorCode>) -> Result<()> {
+        let name = CString::new(topic)?;
+        let error = error.map_or(rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, to_native);
+        // SAFETY: the cluster is live and the name a valid C string.
+        unsafe { rdsys::rd_kafka_mock_topic_set_error(self.cluster, name.as_ptr(), error) };
+        Ok(())
+    }
+
     /// The delay before a new consumer group's first assignment.
     pub fn set_initial_rebalance_delay(&self, delay: Duration) {
         let delay = i32::try_from(delay.as_millis()).unwrap_or(i32::MAX);

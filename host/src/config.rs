@@ -684,6 +684,9 @@ impl JobConfig {
     pub fn kafka_client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        // After an outage librdkafka waits up to this long between reconnection attempts (its
+        // default is 10 s): brokers that are back are used again within a second.
+        config.set("reconnect.backoff.max.ms", "1000");
         for (key, value) in &self.kafka {
             config.set(key, value);
         }

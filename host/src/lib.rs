@@ -15,6 +15,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod inspect;
 pub mod offsets;
+pub mod panics;
 pub mod runtime;
 pub mod sinks;
 pub mod source;

@@ -5,7 +5,8 @@ Input is produced with kafka-python (a pure-Python protocol implementation); out
 offsets and committed group offsets are read back with confluent-kafka. Every command prints
 one JSON document on stdout so the Rust tests can assert on exact values.
 
-  produce   --brokers B --topic T          lines of JSON {"partition", "key", "value"} on stdin
+  produce   --brokers B --topic T          lines of JSON {"partition", "key", "value"[, "timestamp"]} on stdin
+                                           (a timestamp of -1 is Kafka's "no timestamp")
   consume   --brokers B --topic T          every record of T: [{"partition", "offset", "key", "value", "headers"}]
   offsets   --brokers B --topic T --group G  {"<partition>": {"committed": n|null, "end": n}}
 """
@@ -36,6 +37,7 @@ def produce(args):
                 value=record["value"].encode(),
                 key=key.encode() if key is not None else None,
                 partition=record.get("partition"),
+                timestamp_ms=record.get("timestamp"),
             )
         )
     producer.flush(timeout=TIMEOUT_S)

@@ -35,7 +35,8 @@ pub const VALUE_DROPPED_HEADER: &str = "sluice-value-dropped";
 
 /// The kind of failure of an output that could not be delivered.
 pub const UNDELIVERABLE: &str = "undeliverable";
-/// The kind of failure of a record the host could not hand to the plugin.
+/// The kind of failure of a record the host could not hand to the plugin (a rejection by the
+/// host rather than by the plugin).
 pub const UNREADABLE: &str = "unreadable";
 
 /// The job's failure settings.

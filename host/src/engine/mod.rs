@@ -30,17 +30,17 @@ pub use upgrade::{PROBATION_BATCHES, UpgradeOutcome, UpgradeRequest};
 use crate::admin::AdminServer;
 use crate::checkpoint::{BatchChanges, BatchCommit, Checkpoint, PendingBatch, PluginRun, Resume};
 use crate::config::{FailurePolicy, JobConfig, PostgresMode};
-use crate::failpoint;
 use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
 use crate::runtime::{
     BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginInstance, PluginKind, PluginRuntime,
 };
 use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks};
-use crate::source::{Committed, KafkaSource, Unreadable, join};
+use crate::source::{Committed, KafkaSource, Lost, Unreadable, join};
+use crate::{failpoint, panics};
 use assignment::{Positions, Replay, reconcile};
 use commit::GroupCommit;
 use delivery::{Delivered, Delivery, Provenances};
-use failure::{FailureHandling, Provenance, UNREADABLE, by_policy, record_dead_letter};
+use failure::{FailureHandling, Provenance, UNREADABLE, record_dead_letter};
 use parallel::run_each;
 
 /// A job being run: its plugin, its source and its sinks.
@@ -209,6 +209,25 @@ pub struct BatchPhases {
 }
 
 impl BatchReport {
+    /// A batch given up before processing because the group took its partitions away.
+    fn abandoned(batch_time: i64, ranges: Vec<OffsetRange>, scheduling_delay: Duration, took: Duration) -> BatchReport {
+        BatchReport {
+            batch_time,
+            ranges,
+            records_in: 0,
+            outputs: 0,
+            rejected: 0,
+            dead_letters: 0,
+            skipped: 0,
+            scheduling_delay,
+            phases: BatchPhases { fetch: took, ..BatchPhases::default() },
+            caught_up: false,
+            rate: None,
+            replayed: false,
+            fenced: true,
+        }
+    }
+
     /// From the batch's start to its commit: the sum of its phases.
     pub fn processing(&self) -> Duration {
         let BatchPhases { plan, fetch, plugin, deliver, commit } = self.phases;
@@ -248,6 +267,7 @@ impl Engine {
     /// consumer group and starts the partitions it assigns. The plugin comes first so that a
     /// bad plugin or plugin configuration is refused before the job touches Kafka.
     pub fn start(job: JobConfig) -> Result<Engine> {
+        panics::install();
         let (plugin, mut first_instance) =
             PluginRuntime::load(&job.plugin, job.plugin_config.clone(), job.sandbox.clone())?;
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
@@ -398,7 +418,13 @@ impl Engine {
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
             let report = tokio::task::block_in_place(|| {
-                let report = self.run_batch(batch_time, first)?;
+                // A panic anywhere in the batch ends the job with an error naming where, never
+                // silently (the batch is not committed; the next run replays it).
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(batch_time, first)));
+                let report = match run {
+                    Ok(report) => report?,
+                    Err(_) => bail!("batch {batch_time} ms: internal error {}", panics::describe()),
+                };
                 log_batch(&report, &self.job.instance_id);
                 if !report.replayed {
                     self.rate.batch_completed(now_ms(), &report);
@@ -483,18 +509,7 @@ impl Engine {
         if !rebalanced.assigned.is_empty() {
             tracing::info!("member {member}: assigned {}", join(&rebalanced.assigned));
         }
-        if let Some(plan) = self.interrupted.take() {
-            let stateful = self.plugin.kind() != PluginKind::Transform;
-            self.replays = reconcile(plan, &started, stateful);
-            for replay in &self.replays {
-                let how = if replay.deliver { "" } else { " to rebuild its state (its outputs are in Kafka already)" };
-                tracing::info!(
-                    "replaying batch {} ms, interrupted before its commit{how}: {}",
-                    replay.batch_time,
-                    describe_ranges(&replay.ranges)
-                );
-            }
-        }
+        self.reconcile_interrupted(&started);
         // A partition that moved to another member is replayed there, from the group's offset.
         let owned: Vec<TopicPartition> = self.source.partitions().cloned().collect();
         for replay in &mut self.replays {
@@ -504,8 +519,29 @@ impl Engine {
         Ok(())
     }
 
-    /// Moves every owned partition to where its owner of record says it continues: after an
-    /// abandoned batch this member's cursors are past what was committed.
+    /// Turns the plan the checkpoint holds (an earlier batch that did not commit) into replays,
+    /// now that `started` says where its partitions continue.
+    fn reconcile_interrupted(&mut self, started: &BTreeMap<TopicPartition, (i64, Option<Committed>)>) {
+        if started.is_empty() {
+            return; // kept until partitions are assigned
+        }
+        let Some(plan) = self.interrupted.take() else { return };
+        let stateful = self.plugin.kind() != PluginKind::Transform;
+        self.replays = reconcile(plan, started, stateful);
+        for replay in &self.replays {
+            let how = if replay.deliver { "" } else { " to rebuild its state (its outputs are in Kafka already)" };
+            tracing::info!(
+                "replaying batch {} ms, interrupted before its commit{how}: {}",
+                replay.batch_time,
+                describe_ranges(&replay.ranges)
+            );
+        }
+    }
+
+    /// After an abandoned batch (fenced, or partitions lost mid-batch) this member's cursors
+    /// are past what was committed: moves every owned partition back to where its owner of
+    /// record (the group, or the database) says it continues, and replays what the checkpoint
+    /// still holds of the abandoned batch.
     fn reposition(&mut self) -> Result<()> {
         let owned = self.partitions();
         let database = match &mut self.sinks.postgres {
@@ -513,14 +549,31 @@ impl Engine {
             None => BTreeMap::new(),
         };
         let committed = self.source.committed(&owned)?;
+        let mut started = BTreeMap::new();
         for partition in owned {
-            let offset = database.get(&partition).copied().or(committed.get(&partition).map(|c| c.offset));
+            let group = committed.get(&partition).cloned();
+            let offset = database.get(&partition).copied().or(group.as_ref().map(|c| c.offset));
             if let Some(offset) = offset {
                 tracing::info!("{partition} continues at {offset}, where its last committed batch ended");
                 self.source.seek(&partition, offset)?;
+                started.insert(partition, (offset, group));
             }
         }
+        self.interrupted = match &self.checkpoint {
+            Some(checkpoint) => checkpoint.store.resume()?.pending,
+            None => None,
+        };
+        self.reconcile_interrupted(&started);
         Ok(())
+    }
+
+    /// Gives up the batch in flight without committing it: the group moved its partitions
+    /// (or some of them) elsewhere. The next boundary moves every partition to where its
+    /// owner of record says it continues.
+    fn abandon(&mut self, batch_time: i64, reason: &str) {
+        tracing::warn!("batch {batch_time} ms abandoned uncommitted: {reason}");
+        self.replays.clear();
+        self.reposition = true;
     }
 
     /// One batch, start to commit. An error before the commit step fails the batch (nothing
@@ -561,8 +614,14 @@ impl Engine {
         let batch_time = work.batch_time;
         let planned_at = started.elapsed();
 
-        let fetched =
-            self.source.fetch(&work.ranges, self.job.bounds).with_context(|| format!("batch {batch_time} ms"))?;
+        let fetched = match self.source.fetch(&work.ranges, self.job.bounds) {
+            Ok(fetched) => fetched,
+            Err(error) if error.is::<Lost>() => {
+                self.abandon(batch_time, &error.to_string());
+                return Ok(BatchReport::abandoned(batch_time, work.ranges, scheduling_delay, started.elapsed()));
+            }
+            Err(error) => return Err(error.context(format!("batch {batch_time} ms"))),
+        };
         // What the batch actually took: a range ends early when its task reached its bounds.
         let ranges: Vec<OffsetRange> = work
             .ranges
@@ -610,6 +669,8 @@ impl Engine {
                     records: Vec::with_capacity(records.len()),
                     unreadable: Vec::new(),
                 };
+                let _work = panics::working_on(|| format!("reading the records of {range}"));
+                failpoint::reached("record");
                 for record in records {
                     match record.into_input() {
                         Ok(input) => task.records.push(input),
@@ -655,11 +716,14 @@ impl Engine {
                 .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
             failpoint::reached("deliver");
             match self.write_rows(batch_time, &outputs, &provenance, &ranges, policy)? {
-                Some(rows) => {
+                Ok(rows) => {
                     delivered.dead_letters += rows.dead_letters;
                     delivered.skipped += rows.skipped;
                 }
-                None => fenced = true,
+                Err(conflict) => {
+                    self.abandon(batch_time, &conflict);
+                    fenced = true;
+                }
             }
             failpoint::reached("database");
         }
@@ -675,7 +739,7 @@ impl Engine {
                 &self.positions.applied_starts,
             )?;
             if let GroupCommit::Fenced(reason) = group {
-                tracing::warn!("batch {batch_time} ms abandoned uncommitted: {reason}");
+                self.abandon(batch_time, &reason);
                 fenced = true;
             }
         }
@@ -698,11 +762,6 @@ impl Engine {
             for range in &ranges {
                 self.positions.checkpoint.insert(range.partition.clone(), range.until);
             }
-        } else {
-            // The batch's partitions continue from where their owner (the group, or the
-            // database) says, wherever this member's cursors got to.
-            self.replays.clear();
-            self.reposition = true;
         }
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
@@ -725,7 +784,7 @@ impl Engine {
             skipped: skipped + delivered.skipped,
             scheduling_delay,
             phases,
-            caught_up: work.caught_up && remainder.is_none(),
+            caught_up: work.caught_up && remainder.is_none() && !fenced,
             rate: work.rate,
             replayed: work.replayed,
             fenced,
@@ -765,7 +824,8 @@ impl Engine {
 
     /// Writes the batch's table rows (outputs without a topic) and, in transactional mode, its
     /// offsets, in one database transaction; rows the database refuses follow the policy.
-    /// `Ok(None)`: another writer moved the offsets (the batch is abandoned, like a fenced one).
+    /// `Ok(Err(why))`: another writer moved the offsets (the batch is abandoned, like a fenced
+    /// one).
     fn write_rows(
         &mut self,
         batch_time: i64,
@@ -773,8 +833,8 @@ impl Engine {
         provenance: &Provenances,
         ranges: &[OffsetRange],
         policy: FailurePolicy,
-    ) -> Result<Option<Delivered>> {
-        let Some(postgres) = &mut self.sinks.postgres else { return Ok(Some(Delivered::default())) };
+    ) -> Result<Result<Delivered, String>> {
+        let Some(postgres) = &mut self.sinks.postgres else { return Ok(Ok(Delivered::default())) };
         let indices: Vec<usize> = (0..outputs.len()).filter(|&index| outputs[index].topic.is_none()).collect();
         let rows: Vec<&OutputRecord> = indices.iter().map(|&index| &outputs[index]).collect();
         let mut delivery = Delivery {
@@ -792,11 +852,8 @@ impl Engine {
             Ok(())
         };
         match postgres.write_batch(&rows, ranges, &mut refused) {
-            Ok(_) => Ok(Some(outcome)),
-            Err(crate::sinks::WriteError::Conflict(message)) => {
-                tracing::warn!("batch {batch_time} ms abandoned uncommitted: {message}");
-                Ok(None)
-            }
+            Ok(_) => Ok(Ok(outcome)),
+            Err(crate::sinks::WriteError::Conflict(message)) => Ok(Err(message)),
             Err(crate::sinks::WriteError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
         }
     }
@@ -888,6 +945,7 @@ impl Engine {
     /// (a window slide is emitted only then).
     fn process(&mut self, batch_time: i64, tasks: &[PartitionTask], final_piece: bool) -> Result<Processed> {
         let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
+            let _work = panics::working_on(|| format!("running the plugin on {}", task.provenance()));
             instance.process(&task.context, &task.records)
         });
         // A new version on probation gets no retries and no policy: any failure rolls it back.
@@ -906,23 +964,24 @@ impl Engine {
         let (mut rejected, mut skipped) = (0, 0);
         for (task, result) in tasks.iter().zip(results) {
             let ctx = &task.context;
+            // A record the plugin cannot be given is rejected, as a plugin rejects one: logged
+            // with its offset and reason, and dead-lettered when the job has a topic for it.
             for unreadable in &task.unreadable {
-                let what = || {
-                    format!(
-                        "batch {batch_time} ms: {}:{} offset {} cannot be given to the plugin: {}",
-                        ctx.topic, ctx.partition, unreadable.record.offset, unreadable.reason
-                    )
-                };
-                let letter = by_policy(self.job.failure.policy, what, || {
-                    let topic = failures.dead_letter_topic?;
+                let offset = unreadable.record.offset;
+                tracing::warn!("rejected {}:{} offset {offset}: {}", ctx.topic, ctx.partition, unreadable.reason);
+                if let Some(topic) = failures.dead_letter_topic {
                     let (record, reason) = (unreadable.record.clone(), &unreadable.reason);
-                    Some(record_dead_letter(topic, self.plugin.identity(), ctx, record, UNREADABLE, reason))
-                })?;
-                match letter {
-                    Some(letter) => dead_letters.push(letter),
-                    None => skipped += 1,
+                    dead_letters.push(record_dead_letter(
+                        topic,
+                        self.plugin.identity(),
+                        ctx,
+                        record,
+                        UNREADABLE,
+                        reason,
+                    ));
                 }
             }
+            rejected += task.unreadable.len();
             let result = match result {
                 Ok(output) => output,
                 Err(error) => {

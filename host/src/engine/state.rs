@@ -139,6 +139,7 @@ impl StateStep<'_> {
 
         let prepared_at = started.elapsed();
         let answers = run_parallel(self.runtime, instances, &tasks, |instance, task| {
+            let _work = crate::panics::working_on(|| format!("updating state partition {}", task.context.partition));
             instance.update(&task.context, &task.groups)
         })?;
         tracing::debug!(

@@ -113,7 +113,12 @@ impl WindowStep<'_> {
         }
         tasks.retain(|task| !task.keys.is_empty());
 
-        let results = run_parallel(self.runtime, instances, &tasks, |instance, task| self.slide(instance, task))?;
+        let results = run_parallel(self.runtime, instances, &tasks, |instance, task| {
+            let _work = crate::panics::working_on(|| {
+                format!("sliding the window of state partition {}", task.context.partition)
+            });
+            self.slide(instance, task)
+        })?;
         let mut outputs = Vec::new();
         for result in results {
             outputs.extend(result.outputs);

@@ -115,20 +115,28 @@ pub fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     partitions
 }
 
-/// Whether a failed commit means this member no longer owns what it tried to commit: the
-/// group moved on without it (a newer generation, or it was removed from the group).
-pub fn is_fenced(error: &KafkaError) -> bool {
+/// Whether a failed commit was refused because the group's generation moved on: the group
+/// rebalanced since this member last joined. That is fencing only if the rebalance took the
+/// partitions away (librdkafka then reports them lost); a member that kept them retries once
+/// it has rejoined (the cooperative protocol moves nothing before the old owner lets go).
+pub fn is_generation_change(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::IllegalGeneration
                 | RDKafkaErrorCode::UnknownMemberId
-                | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::RebalanceInProgress
                 | RDKafkaErrorCode::StaleMemberEpoch
                 | RDKafkaErrorCode::FencedMemberEpoch
                 | RDKafkaErrorCode::AssignmentLost
         )
     )
+}
+
+/// Whether a failed commit means another instance with this member's static identity
+/// (`group.instance.id`) replaced it.
+pub fn is_replaced(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId)
 }
 
 /// Whether a broker error is one librdkafka recovers from by itself (reconnecting, finding the
@@ -176,10 +184,12 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_generation_is_fencing() {
-        assert!(is_fenced(&KafkaError::ConsumerCommit(RDKafkaErrorCode::IllegalGeneration)));
-        assert!(is_fenced(&KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownMemberId)));
-        assert!(!is_fenced(&KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)));
-        assert!(!is_fenced(&KafkaError::ConsumerCommit(RDKafkaErrorCode::RequestTimedOut)));
+    fn a_moved_generation_is_told_apart_from_broker_trouble() {
+        let commit = KafkaError::ConsumerCommit;
+        assert!(is_generation_change(&commit(RDKafkaErrorCode::IllegalGeneration)));
+        assert!(is_generation_change(&commit(RDKafkaErrorCode::UnknownMemberId)));
+        assert!(is_generation_change(&commit(RDKafkaErrorCode::RebalanceInProgress)));
+        assert!(!is_generation_change(&commit(RDKafkaErrorCode::RequestTimedOut)));
+        assert!(is_replaced(&commit(RDKafkaErrorCode::FencedInstanceId)));
     }
 }

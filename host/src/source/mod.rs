@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{JobConfig, Topics};
 use crate::offsets::{OffsetRange, OnOffsetOutOfRange, TopicPartition, check_in_log, plan_range};
 pub use membership::Change;
-use membership::{Membership, is_fenced, is_transient};
+use membership::{Membership, is_generation_change, is_replaced, is_transient};
 pub use record::{RawHeader, SourceRecord, Unreadable};
 
 /// How long one metadata or offsets request may take before it is retried.
@@ -57,6 +57,8 @@ pub struct KafkaSource {
     wake: Arc<Wake>,
     /// The longest the source waits on brokers without progress.
     broker_timeout: Duration,
+    /// The group's session timeout: how long a member may be out of the group.
+    session_timeout: Duration,
     /// The bootstrap servers, for error messages.
     brokers: String,
     topics: Topics,
@@ -169,6 +171,15 @@ pub struct Fetched {
     pub ends: Vec<i64>,
 }
 
+/// Partitions this member lost while a batch was reading them (its group session expired
+/// during a broker outage): the batch cannot be committed and is abandoned; the partitions'
+/// owner of record replays it.
+#[derive(Debug, thiserror::Error)]
+#[error("the consumer group took {partitions} away while the batch was reading them (this member's session expired)")]
+pub struct Lost {
+    pub partitions: String,
+}
+
 /// Why a commit did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -214,6 +225,7 @@ impl KafkaSource {
             cursors: BTreeMap::new(),
             wake: Arc::new(Wake::default()),
             broker_timeout: job.broker_timeout,
+            session_timeout: job.session_timeout,
             brokers: job.brokers.clone(),
             topics: job.topics.clone(),
             subscribed: BTreeSet::new(),
@@ -451,6 +463,7 @@ impl KafkaSource {
                     continue;
                 }
                 let cursor = self.cursors.get_mut(&range.partition).expect("checked above");
+                let _work = crate::panics::working_on(|| format!("fetching {}", range.partition));
                 while task.open() {
                     let Some(result) = cursor.queue.poll(Duration::ZERO) else { break };
                     progressed = true;
@@ -470,6 +483,12 @@ impl KafkaSource {
                 break;
             }
             self.serve_events()?;
+            // librdkafka stops fetching partitions whose assignment it lost; waiting for them
+            // would wait for ever, and the batch could not commit them anyway.
+            let lost = self.consumer.context().lost_among(ranges.iter().map(|range| &range.partition));
+            if !lost.is_empty() {
+                return Err(Lost { partitions: join(&lost) }.into());
+            }
             if progressed {
                 last_progress = Instant::now();
                 continue;
@@ -518,8 +537,10 @@ impl KafkaSource {
     }
 
     /// Commits the ranges' ends to the consumer group with `metadata` per partition,
-    /// synchronously. Transient failures are retried until `--broker-timeout`; a refusal
-    /// because the group moved on (this member lost the partitions) is [`CommitError::Fenced`].
+    /// synchronously. Transient failures are retried until `--broker-timeout`. A refusal because
+    /// the group rebalanced is retried once this member has rejoined, unless the rebalance took
+    /// the partitions away (or the member stays out of the group past its session timeout):
+    /// then the commit is [`CommitError::Fenced`].
     pub fn commit(
         &mut self,
         ends: &[(TopicPartition, i64)],
@@ -538,14 +559,30 @@ impl KafkaSource {
             element.set_offset(Offset::Offset(*end)).map_err(anyhow::Error::from)?;
             element.set_metadata(metadata(partition).encode());
         }
-        let deadline = Instant::now() + self.broker_timeout;
+        let started = Instant::now();
+        let deadline = started + self.broker_timeout;
         let mut attempt = 1;
+        let all = || ends.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
         loop {
             match self.consumer.commit(&offsets, CommitMode::Sync) {
                 Ok(()) => return Ok(()),
-                Err(error) if is_fenced(&error) => {
-                    let partitions = ends.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
-                    return Err(CommitError::Fenced { partitions: join(&partitions), cause: error.to_string() });
+                Err(error) if is_replaced(&error) => {
+                    return Err(CommitError::Fenced { partitions: join(&all()), cause: error.to_string() });
+                }
+                Err(error) if is_generation_change(&error) => {
+                    self.serve_events().map_err(CommitError::Failed)?;
+                    let lost = self.consumer.context().lost_among(ends.iter().map(|(partition, _)| partition));
+                    if !lost.is_empty() {
+                        return Err(CommitError::Fenced { partitions: join(&lost), cause: error.to_string() });
+                    }
+                    if started.elapsed() > self.session_timeout {
+                        let cause = format!("{error}, and this member was out of the group past its session timeout");
+                        return Err(CommitError::Fenced { partitions: join(&all()), cause });
+                    }
+                    tracing::debug!(
+                        "commit refused during a rebalance ({error}); retrying once the member has rejoined"
+                    );
+                    std::thread::sleep(RETRY_BACKOFF);
                 }
                 Err(error) if Instant::now() < deadline => {
                     let described: Vec<String> = ends.iter().map(|(p, end)| format!("{p}={end}")).collect();
@@ -602,11 +639,7 @@ impl KafkaSource {
             self.cursors.remove(partition);
         }
         if self.cooperative() {
-            let mut list = TopicPartitionList::new();
-            for partition in partitions {
-                list.add_partition(&partition.topic, partition.partition);
-            }
-            self.consumer.incremental_unassign(&list).context("cannot release revoked partitions")
+            self.consumer.incremental_unassign(&list_of(partitions)).context("cannot release revoked partitions")
         } else {
             // The eager protocol revokes everything before each new assignment.
             self.cursors.clear();
@@ -758,10 +791,25 @@ impl KafkaSource {
 impl Drop for KafkaSource {
     fn drop(&mut self) {
         // Closing leaves the group (the coordinator reassigns at once rather than after the
-        // session timeout); it waits for the final revocation, applied at once from now on.
-        // Partition queues hold the consumer, so they go first.
+        // session timeout); it waits for the final revocation, applied at once from now on,
+        // and for any change still waiting for a boundary, acknowledged here. Partition queues
+        // hold the consumer, so they go first.
         self.consumer.context().close();
         self.cursors.clear();
+        for change in self.consumer.context().take_changes() {
+            let cooperative = self.cooperative();
+            let acknowledged = match change {
+                Change::Assigned(partitions) if cooperative => self.consumer.incremental_assign(&list_of(&partitions)),
+                Change::Revoked { partitions, .. } if cooperative => {
+                    self.consumer.incremental_unassign(&list_of(&partitions))
+                }
+                Change::Assigned(partitions) => self.consumer.assign(&list_of(&partitions)),
+                Change::Revoked { .. } => self.consumer.unassign(),
+            };
+            if let Err(error) = acknowledged {
+                tracing::debug!("while leaving the group: {error}");
+            }
+        }
     }
 }
 
@@ -925,6 +973,14 @@ fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {
         config.set(key, value);
     }
+}
+
+fn list_of(partitions: &[TopicPartition]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for partition in partitions {
+        list.add_partition(&partition.topic, partition.partition);
+    }
+    list
 }
 
 pub fn join(partitions: &[TopicPartition]) -> String {

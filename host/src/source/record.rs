@@ -48,7 +48,8 @@ impl SourceRecord {
     pub fn read(message: &BorrowedMessage<'_>) -> SourceRecord {
         SourceRecord {
             offset: message.offset(),
-            timestamp: message.timestamp().to_millis(),
+            // Kafka writes -1 for "no timestamp"; librdkafka reports it as a create time.
+            timestamp: message.timestamp().to_millis().filter(|millis| *millis >= 0),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),
             headers: raw_headers(message),

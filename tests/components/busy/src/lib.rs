@@ -1,5 +1,6 @@
-//! Test fixture: passes every record through unchanged after deliberate busy work, so tests
-//! can make a plugin slow on purpose (backpressure, stopping with a batch in flight).
+//! Test fixture: passes every record through unchanged (key, value, headers) after deliberate
+//! busy work, so tests can make a plugin slow on purpose (backpressure, stopping with a batch
+//! in flight) and can check that records cross the host unaltered.
 //!
 //! Configuration: `work-per-record` — iterations of busy work per record (default 0). A record
 //! header `busy-work: N` overrides it for that record; a header `fail` rejects the record.
@@ -48,7 +49,7 @@ impl Transform for Busy {
             None => self.work_per_record,
         };
         busy_work(work, record.offset as u64);
-        let output = Output { topic: None, key: record.key, value: record.value, headers: Vec::new() };
+        let output = Output { topic: None, key: record.key, value: record.value, headers: record.headers };
         out.push(output);
         Ok(())
     }

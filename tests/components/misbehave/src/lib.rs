@@ -12,6 +12,7 @@
 //! | `read-file PATH` | outputs the file's text, or `denied: <error>` |
 //! | `connect ADDR` | opens a TCP connection: outputs `connected` or `denied: <error>` |
 //! | `env NAME` | outputs the variable's value, or `denied: <error>` |
+//! | `to TOPIC TEXT` | outputs TEXT to TOPIC (rather than the job's output topic) |
 
 use sluice_sdk::{BatchContext, Output, Outputs, PluginError, Record, Reject, Transform};
 
@@ -71,6 +72,11 @@ impl Transform for Misbehave {
                 Err(e) => format!("denied: {e}"),
             },
             "env" => std::env::var(argument).unwrap_or_else(|e| format!("denied: {e}")),
+            "to" => {
+                let (topic, text) = argument.split_once(' ').unwrap_or((argument, ""));
+                out.push(Output::new(text.to_string()).to_topic(topic));
+                return Ok(());
+            }
             _ => value.clone(),
         };
         out.push(Output::new(answer));
