@@ -377,7 +377,44 @@ impl Bench<'_> {
         flags.extend(["--max-batches".into(), batches.to_string()]);
         let run = sluice::run(&flags)?;
         ensure!(run.summary.records_in == records, "overhead run: {} of {records} records", run.summary.records_in);
-        Ok(Overhead::from_batches(INTERVAL, per_batch, &run.batches))
+        let overhead = Overhead::from_batches(INTERVAL, per_batch, &run.batches);
+
+        // The case of a job with a rate limit: each batch takes a slice of what the partitions
+        // hold, and the records of the next slice should already be local when it starts
+        // (librdkafka's default fetch.wait.max.ms of 500 ms, as a user would run it).
+        let limited = Topic { name: "limited-in", partitions: 3 };
+        let limited_batches = batches.clamp(3, 10);
+        self.broker.load(limited, limited_batches * 300, input::etl_line)?;
+        self.broker.create_topic(Topic { name: "limited-out", ..limited })?;
+        let flags: Vec<String> = [
+            "--plugin",
+            sluice_plugin_artifacts::ETL,
+            "--brokers",
+            &self.broker.bootstrap(),
+            "--topic",
+            limited.name,
+            "--group",
+            "limited",
+            "--output-topic",
+            "limited-out",
+            "--batch-interval",
+            "500ms",
+            "--max-rate-per-partition",
+            "200",
+            "--auto-offset-reset",
+            "earliest",
+            "--max-batches",
+            &limited_batches.to_string(),
+        ]
+        .map(String::from)
+        .into();
+        let run = sluice::run(&flags)?;
+        ensure!(
+            run.summary.records_in == limited_batches * 300,
+            "rate-limited run: {} records",
+            run.summary.records_in
+        );
+        Ok(overhead.with_rate_limited(&run.batches))
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Overhead {
     commit: (f64, f64),
     total: (f64, f64),
     processing: (f64, f64),
+    /// Processing time of a small rate-limited batch (300 records, 200/s per partition, 500 ms
+    /// interval, librdkafka's default long poll), p50 and p99 in milliseconds.
+    pub rate_limited: (f64, f64),
 }
 
 impl Overhead {
@@ -65,7 +68,15 @@ impl Overhead {
             commit: measure(&|b| ms(b.phases.commit)),
             total: measure(&|b| ms(b.scheduling_delay + b.phases.plan + b.phases.commit)),
             processing: measure(&|b| ms(b.processing())),
+            rate_limited: (f64::NAN, f64::NAN),
         }
+    }
+
+    /// Adds the rate-limited run: its batches' processing times.
+    pub fn with_rate_limited(mut self, batches: &[BatchReport]) -> Overhead {
+        let steady = if batches.len() > 1 { &batches[1..] } else { batches };
+        self.rate_limited = percentiles(steady.iter().map(|b| b.processing().as_secs_f64() * 1e3).collect());
+        self
     }
 }
 
@@ -162,6 +173,10 @@ impl Report {
                 ("commit (checkpoint, consumer group)", overhead.commit),
                 ("**host overhead** (the three above)", overhead.total),
                 ("whole batch (for scale)", overhead.processing),
+                (
+                    "a small rate-limited batch: 300 records, 200/s per partition, 500 ms interval, default long poll",
+                    overhead.rate_limited,
+                ),
             ] {
                 writeln!(out, "| {name} | {p50:.2} ms | {p99:.2} ms |").unwrap();
             }
