@@ -21,6 +21,8 @@ mod faults;
 mod flow_control;
 /// SIGINT/SIGTERM: graceful stop, and immediate exit on a second signal.
 mod graceful_stop;
+/// Plugins written to hurt the host: aliasing and huge results, many memories, endless calls.
+mod hostile;
 /// Records from foreign producers: any header bytes, odd keys, tombstones; panics named.
 mod odd_records;
 /// The PostgreSQL sink against a real server: transactions, upserts, bad databases.

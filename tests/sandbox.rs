@@ -43,7 +43,8 @@ fn each_misbehaviour_halts_the_job_by_default_naming_its_cause_and_commits_nothi
         ("loop", "(deadline): ran past its deadline of 300ms"),
         ("alloc", "(memory): exceeded its memory limit"),
         ("huge 100000000", "(memory): exceeded its memory limit"),
-        ("panic", "(trap)"),
+        // The guest's own panic message, not only the wasm backtrace.
+        ("panic", "(trap): panicked at"),
         ("trap", "(trap)"),
         ("fail", "(plugin-error): asked to fail the task"),
     ];
@@ -108,6 +109,8 @@ fn dead_letters_hold_exactly_the_poison_records_and_every_other_record_goes_thro
         assert_eq!(headers["sluice-plugin"].as_deref(), Some("misbehave 0.1.0"));
         assert_eq!(headers["sluice-plugin-digest"].as_deref(), Some(digest.as_str()));
     }
+    let panicked = dead[0].2["sluice-error"].as_deref().unwrap();
+    assert!(panicked.contains("asked to panic at offset 13"), "the panic message is in the dead letter: {panicked}");
     assert!(dead[1].2["sluice-error"].as_deref().unwrap().contains("deadline of 300ms"));
     assert_eq!(dead[2].2["sluice-error"].as_deref(), Some("invalid digit found in string"));
     for (partition, offsets) in offsets(&broker.brokers, &topic, &group) {
@@ -176,4 +179,26 @@ fn plugins_get_no_files_network_or_environment_unless_granted() {
     assert!(answers[1].starts_with("denied: "), "the host path itself stays hidden: {answers:?}");
     assert_eq!(answers[2], "hello from the host");
     assert!(answers[3].starts_with("denied: "), "network is never granted: {answers:?}");
+}
+
+/// A task in which every record fails would cost about two plugin calls per record to bisect
+/// (each on a fresh instance, each allowed the full deadline); isolation stops after
+/// `--max-poison-per-task` records and dead-letters the parts that still fail whole.
+#[test]
+fn isolating_poison_records_is_bounded_per_task() {
+    let (topic, dlq) = (unique("poisoned"), unique("dlq"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&dlq, 1)]);
+    let inputs: Vec<Input> = (0..64).map(|_| input(0, "panic")).collect();
+    produce(&broker.brokers, &topic, &inputs);
+    let group = unique("poisoned");
+    let mut command = misbehave(&broker.brokers, &topic, &group);
+    command.args(["--on-failure", "dead-letter", "--dead-letter-topic", &dlq, "--max-poison-per-task", "4"]);
+    let run = run_host(&mut command, LIMIT);
+    run.assert_success();
+    let log = run.stderr();
+    assert!(log.contains("4 poison records isolated (--max-poison-per-task)"), "{log}");
+    // Every failed call printed its panic: bisecting all 64 would take 127 calls.
+    let calls = log.matches("output: thread '<unnamed>'").count();
+    assert!(calls <= 30, "{calls} plugin calls to dead-letter 64 records");
+    assert_eq!(consume(&broker.brokers, &dlq).len(), 64, "every record is dead-lettered, none lost");
 }

@@ -27,6 +27,9 @@ pub const DEFAULT_BACKPRESSURE_MIN_RATE: f64 = 100.0;
 /// Where the admin endpoint listens when no `--admin-address` is given: any free loopback port.
 pub const DEFAULT_ADMIN_ADDRESS: std::net::SocketAddr =
     std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0));
+/// Poison records isolated per task under `--on-failure dead-letter` when no
+/// `--max-poison-per-task` is given.
+pub const DEFAULT_MAX_POISON_PER_TASK: usize = 16;
 /// Retries of a failed partition task when no `--task-retries` is given.
 pub const DEFAULT_TASK_RETRIES: u32 = 2;
 /// How long unreachable brokers are retried when no `--broker-timeout` is given.
@@ -210,6 +213,19 @@ pub struct JobOptions {
     #[serde(default, deserialize_with = "size")]
     pub max_memory: Option<u64>,
 
+    /// Bytes the host copies out of one plugin call's result, at most, e.g. `512MiB` [default:
+    /// 512MiB]. A result larger than that (a plugin returning many outputs that alias one
+    /// buffer, say) fails its task as `memory` before the host allocates it.
+    #[arg(long, env = "SLUICE_MAX_OUTPUT_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "size")]
+    pub max_output_bytes: Option<u64>,
+
+    /// Bytes the host holds of all of one batch's plugin results together, at most [default:
+    /// 1GiB]; the task that would pass it fails as `memory`.
+    #[arg(long, env = "SLUICE_MAX_BATCH_OUTPUT_BYTES", value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "size")]
+    pub max_batch_output_bytes: Option<u64>,
+
     /// Elements per table per plugin instance [default: 100000].
     #[arg(long, env = "SLUICE_MAX_TABLE_ELEMENTS", value_name = "N")]
     pub max_table_elements: Option<u32>,
@@ -240,6 +256,12 @@ pub struct JobOptions {
     /// Two hosts of one job on one machine need different ids.
     #[arg(long, env = "SLUICE_INSTANCE_ID", value_name = "NAME")]
     pub instance_id: Option<String>,
+
+    /// Poison records `--on-failure dead-letter` isolates one by one in a failing task, at
+    /// most [default: 16]: each isolation runs the plugin again on a fresh instance. Past it, a
+    /// part of the task that still fails is dead-lettered whole.
+    #[arg(long, env = "SLUICE_MAX_POISON_PER_TASK", value_name = "N")]
+    pub max_poison_per_task: Option<usize>,
 
     /// Topic for dead letters: records the plugin rejected, and with `--on-failure
     /// dead-letter` the records a failing task was isolated down to.
@@ -350,6 +372,8 @@ impl JobOptions {
             max_memory: self.max_memory.or(file.max_memory),
             max_table_elements: self.max_table_elements.or(file.max_table_elements),
             max_instances: self.max_instances.or(file.max_instances),
+            max_output_bytes: self.max_output_bytes.or(file.max_output_bytes),
+            max_batch_output_bytes: self.max_batch_output_bytes.or(file.max_batch_output_bytes),
             admin_address: self.admin_address.or(file.admin_address),
             postgres: self.postgres.or(file.postgres),
             postgres_table: self.postgres_table.or(file.postgres_table),
@@ -358,6 +382,7 @@ impl JobOptions {
             postgres_keys: list(self.postgres_keys, file.postgres_keys),
             on_failure: self.on_failure.or(file.on_failure),
             task_retries: self.task_retries.or(file.task_retries),
+            max_poison_per_task: self.max_poison_per_task.or(file.max_poison_per_task),
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
             allow_output_topics: list(self.allow_output_topics, file.allow_output_topics),
             instance_id: self.instance_id.or(file.instance_id),
@@ -494,11 +519,18 @@ pub struct FailureSettings {
     pub policy: FailurePolicy,
     pub retries: u32,
     pub dead_letter_topic: Option<String>,
+    /// Poison records isolated one by one per task under `dead-letter`, at most.
+    pub max_poison: usize,
 }
 
 impl Default for FailureSettings {
     fn default() -> FailureSettings {
-        FailureSettings { policy: FailurePolicy::Halt, retries: DEFAULT_TASK_RETRIES, dead_letter_topic: None }
+        FailureSettings {
+            policy: FailurePolicy::Halt,
+            retries: DEFAULT_TASK_RETRIES,
+            dead_letter_topic: None,
+            max_poison: DEFAULT_MAX_POISON_PER_TASK,
+        }
     }
 }
 
@@ -547,6 +579,7 @@ impl RateLimits {
 impl JobConfig {
     /// Validates merged options and fills in defaults.
     pub fn from_options(options: JobOptions) -> Result<JobConfig> {
+        let sandbox = sandbox(&options)?;
         let plugin = options.plugin.context("no plugin given: pass --plugin PATH or set `plugin` in the job file")?;
         let topics = match (options.topics.is_empty(), options.topic_pattern) {
             (false, None) => Topics::Named(options.topics),
@@ -639,14 +672,7 @@ impl JobConfig {
                 (None, Some(_)) => bail!("--slide needs --window"),
                 (None, None) => None,
             },
-            sandbox: sandbox(
-                options.task_deadline,
-                options.max_memory,
-                options.max_table_elements,
-                options.max_instances,
-                options.allow_env,
-                &options.allow_dirs,
-            )?,
+            sandbox,
             admin_address: options.admin_address.unwrap_or(DEFAULT_ADMIN_ADDRESS),
             postgres: match (options.postgres, options.postgres_table) {
                 (Some(url), Some(table)) => {
@@ -675,6 +701,7 @@ impl JobConfig {
                 },
                 retries: options.task_retries.unwrap_or(DEFAULT_TASK_RETRIES),
                 dead_letter_topic: options.dead_letter_topic,
+                max_poison: options.max_poison_per_task.unwrap_or(DEFAULT_MAX_POISON_PER_TASK),
             },
         })
     }
@@ -705,16 +732,9 @@ fn host_name() -> String {
 }
 
 /// The plugin sandbox from its options, defaults filled in.
-fn sandbox(
-    deadline: Option<TaskDeadline>,
-    max_memory: Option<u64>,
-    max_table_elements: Option<u32>,
-    max_instances: Option<u32>,
-    env: Vec<(String, String)>,
-    dirs: &[String],
-) -> Result<Sandbox> {
+fn sandbox(options: &JobOptions) -> Result<Sandbox> {
     let defaults = Sandbox::default();
-    let (cpu, deadline) = match deadline {
+    let (cpu, deadline) = match options.task_deadline {
         None => (defaults.cpu, defaults.deadline),
         Some(TaskDeadline::After(deadline)) if deadline.is_zero() => {
             bail!("--task-deadline must be longer than zero (or `off`)")
@@ -722,7 +742,8 @@ fn sandbox(
         Some(TaskDeadline::After(deadline)) => (defaults.cpu, deadline),
         Some(TaskDeadline::Off) => (CpuLimit::Unbounded, defaults.deadline),
     };
-    let dirs = dirs
+    let dirs = options
+        .allow_dirs
         .iter()
         .map(|grant| {
             let (host, guest) = match grant.rsplit_once(':') {
@@ -736,13 +757,16 @@ fn sandbox(
             Ok(GrantedDir { host, guest })
         })
         .collect::<Result<Vec<_>>>()?;
+    let max_memory = options.max_memory.unwrap_or(defaults.max_memory);
     Ok(Sandbox {
         cpu,
         deadline,
-        max_memory: max_memory.unwrap_or(defaults.max_memory),
-        max_table_elements: max_table_elements.unwrap_or(defaults.max_table_elements),
-        max_instances: max_instances.unwrap_or(defaults.max_instances),
-        env,
+        max_memory,
+        max_table_elements: options.max_table_elements.unwrap_or(defaults.max_table_elements),
+        max_instances: options.max_instances.unwrap_or(defaults.max_instances),
+        max_output_bytes: options.max_output_bytes.unwrap_or(defaults.max_output_bytes),
+        max_batch_output_bytes: options.max_batch_output_bytes.unwrap_or(defaults.max_batch_output_bytes),
+        env: options.allow_env.clone(),
         dirs,
     })
 }
@@ -973,7 +997,12 @@ mod tests {
         assert_eq!(job.sandbox.dirs, [GrantedDir { host: dir.path().to_path_buf(), guest: "/data".into() }]);
         assert_eq!(
             job.failure,
-            FailureSettings { policy: FailurePolicy::DeadLetter, retries: 0, dead_letter_topic: Some("dlq".into()) }
+            FailureSettings {
+                policy: FailurePolicy::DeadLetter,
+                retries: 0,
+                dead_letter_topic: Some("dlq".into()),
+                max_poison: DEFAULT_MAX_POISON_PER_TASK
+            }
         );
     }
 

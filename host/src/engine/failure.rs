@@ -45,6 +45,10 @@ pub struct FailureHandling<'a> {
     pub policy: FailurePolicy,
     pub retries: u32,
     pub dead_letter_topic: Option<&'a str>,
+    /// Poison records isolated one by one in a task, at most; past that, a failing part of
+    /// the task is dead-lettered whole (each isolation is a fresh instance and a call that may
+    /// run to its deadline).
+    pub max_poison: usize,
 }
 
 /// What a failed task still produced.
@@ -132,13 +136,21 @@ impl FailureHandling<'_> {
         error: TaskError,
         into: &mut Recovered,
     ) -> Result<()> {
-        if let [record] = records {
-            into.dead_letters.push(self.dead_letter(
-                ctx,
-                SourceRecord::from(record),
-                error.kind.as_str(),
-                &error.message,
-            )?);
+        if records.len() <= 1 || into.dead_letters.len() >= self.max_poison {
+            if records.len() > 1 {
+                tracing::warn!(
+                    "{}: {} poison records isolated (--max-poison-per-task); the {} records of a part that still fails \
+                     are dead-lettered whole",
+                    task_name(ctx),
+                    into.dead_letters.len(),
+                    records.len()
+                );
+            }
+            // An empty task that fails has no record to blame, and nothing is lost by going on.
+            for record in records {
+                let letter = self.dead_letter(ctx, SourceRecord::from(record), error.kind.as_str(), &error.message)?;
+                into.dead_letters.push(letter);
+            }
             return Ok(());
         }
         let (first, second) = records.split_at(records.len() / 2);

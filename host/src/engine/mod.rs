@@ -944,6 +944,7 @@ impl Engine {
     /// and committed by the caller. `final_piece`: the batch does not continue in another piece
     /// (a window slide is emitted only then).
     fn process(&mut self, batch_time: i64, tasks: &[PartitionTask], final_piece: bool) -> Result<Processed> {
+        self.plugin.begin_batch();
         let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
             let _work = panics::working_on(|| format!("running the plugin on {}", task.provenance()));
             instance.process(&task.context, &task.records)
@@ -955,6 +956,7 @@ impl Engine {
             policy: if probation { FailurePolicy::Halt } else { self.job.failure.policy },
             retries: if probation { 0 } else { self.job.failure.retries },
             dead_letter_topic: self.job.failure.dead_letter_topic.as_deref(),
+            max_poison: self.job.failure.max_poison,
         };
 
         let mut outputs: Vec<OutputRecord> = Vec::new();

@@ -34,7 +34,8 @@ pub mod windower {
 
 pub use transformer::sluice::plugin::host::Level;
 pub use transformer::sluice::plugin::types::{
-    BatchContext, Header, InputRecord, KeyedOutput, KeyedValue, OutputRecord, PluginError, PluginInfo, Rejection,
+    BatchContext, BatchOutput, Header, InputRecord, KeyedOutput, KeyedValue, OutputRecord, PluginError, PluginInfo,
+    Rejection,
 };
 pub use updater::exports::sluice::plugin::stateful::{KeyGroup, KeyUpdate, StateChange};
 

@@ -5,16 +5,19 @@
 //! calls of [`PluginInstance`], whatever world (transform, stateful, windowed) the plugin is. Sandbox limits (fuel, epochs, memory) and upgrades attach here.
 
 mod bindings;
+mod exports;
+mod lift;
 pub mod sandbox;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits};
+use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use bindings::{
@@ -22,7 +25,10 @@ pub use bindings::{
     Rejection, StateChange, WORLDS,
 };
 use bindings::{transformer, updater, windower};
-use sandbox::{CapturedOutput, EpochTicker};
+use exports::{Exports, Outcome};
+pub use lift::OutputTooLarge;
+use lift::{OutputBudget, within};
+use sandbox::{CapturedOutput, EpochTicker, InstanceLimits, LimitExceeded};
 pub use sandbox::{CpuLimit, GrantedDir, Sandbox};
 
 /// What a plugin does, by the world it implements.
@@ -68,6 +74,8 @@ pub struct PluginRuntime {
     config: Vec<(String, String)>,
     identity: PluginIdentity,
     sandbox: Sandbox,
+    /// What the host takes from this plugin's calls: per call, and per batch across them.
+    budget: Arc<OutputBudget>,
     /// Advances the epoch that call deadlines count in; stops when the runtime is dropped.
     _ticker: Option<EpochTicker>,
 }
@@ -118,6 +126,10 @@ impl PluginRuntime {
             pre,
             config,
             identity: PluginIdentity { info: placeholder_info(), digest },
+            budget: Arc::new(OutputBudget::new(
+                usize::try_from(sandbox.max_output_bytes).unwrap_or(usize::MAX),
+                usize::try_from(sandbox.max_batch_output_bytes).unwrap_or(usize::MAX),
+            )),
             sandbox,
         };
         let mut first = runtime.instantiate()?;
@@ -134,6 +146,11 @@ impl PluginRuntime {
     /// The configuration its instances were initialised with.
     pub fn config(&self) -> &[(String, String)] {
         &self.config
+    }
+
+    /// A new batch starts: its calls share the batch's output budget afresh.
+    pub fn begin_batch(&self) {
+        self.budget.reset();
     }
 
     /// What this plugin does.
@@ -154,20 +171,44 @@ impl PluginRuntime {
         // Instantiation and `init` run under the same bound as every call.
         let deadline_ticks = self.sandbox.deadline_ticks();
         arm(&mut store, self.sandbox.cpu, deadline_ticks);
-        let instantiated = match &self.pre {
-            Pre::Transform(pre) => pre.instantiate(&mut store).map(Bindings::Transform),
-            Pre::Stateful(pre) => pre.instantiate(&mut store).map(Bindings::Stateful),
-            Pre::Windowed(pre) => pre.instantiate(&mut store).map(Bindings::Windowed),
-        };
-        let bindings = instantiated.map_err(|e| anyhow!("cannot instantiate: {e:#}"))?;
+        let instance = match &self.pre {
+            Pre::Transform(pre) => pre.instance_pre().instantiate(&mut store),
+            Pre::Stateful(pre) => pre.instance_pre().instantiate(&mut store),
+            Pre::Windowed(pre) => pre.instance_pre().instantiate(&mut store),
+        }
+        .map_err(|e| anyhow!("cannot instantiate: {e:#}"))?;
+        let bindings = match &self.pre {
+            Pre::Transform(_) => transformer::Transformer::new(&mut store, &instance).map(Bindings::Transform),
+            Pre::Stateful(_) => updater::Updater::new(&mut store, &instance).map(Bindings::Stateful),
+            Pre::Windowed(_) => windower::Windower::new(&mut store, &instance).map(Bindings::Windowed),
+        }
+        .map_err(|e| anyhow!("cannot instantiate: {e:#}"))?;
+        let exports = Exports::find(&mut store, &instance, self.kind())?;
         let init = match &bindings {
             Bindings::Transform(b) => b.call_init(&mut store, &self.config),
             Bindings::Stateful(b) => b.call_init(&mut store, &self.config),
             Bindings::Windowed(b) => b.call_init(&mut store, &self.config),
         };
-        init.map_err(|trap| anyhow!("trapped in init: {trap:#}"))?
-            .map_err(|error| anyhow!("refused its configuration: {}", describe_error(&error)))?;
-        Ok(PluginInstance { store, bindings, identity: self.identity.clone(), cpu: self.sandbox.cpu, deadline_ticks })
+        let mut instance = PluginInstance {
+            store,
+            bindings,
+            exports,
+            budget: self.budget.clone(),
+            identity: self.identity.clone(),
+            cpu: self.sandbox.cpu,
+            deadline_ticks,
+        };
+        // What `init` printed is logged like any call's output, and a crash in it says why.
+        let printed = instance.log_output();
+        init.map_err(|trap| {
+            let (kind, message) = classify(&trap, deadline_ticks);
+            match (kind, last_words(&printed)) {
+                (FailureKind::Trap, Some(said)) => anyhow!("failed in init: {said} ({message})"),
+                _ => anyhow!("failed in init: {message}"),
+            }
+        })?
+        .map_err(|error| anyhow!("refused its configuration: {}", describe_error(&error)))?;
+        Ok(instance)
     }
 }
 
@@ -221,7 +262,11 @@ pub struct TaskOutput {
 /// One instantiated plugin with its own memory. Used by one worker at a time.
 pub struct PluginInstance {
     store: Store<InstanceState>,
+    /// `init` and `describe`.
     bindings: Bindings,
+    /// The batch functions, with bounded results.
+    exports: Exports,
+    budget: Arc<OutputBudget>,
     identity: PluginIdentity,
     cpu: CpuLimit,
     /// The call deadline, in epoch ticks.
@@ -285,24 +330,27 @@ impl PluginInstance {
             ctx.topic, ctx.partition, ctx.from_offset, ctx.until_offset, ctx.batch_time
         );
         self.store.data_mut().task = format!("{}:{}", ctx.topic, ctx.partition);
-        let keyed = |output: bindings::KeyedOutput| TaskOutput {
-            outputs: output.outputs,
-            rejections: output.rejections,
-            values: output.values,
-        };
-        self.arm_deadline();
-        let store = &mut self.store;
-        let result = match &self.bindings {
-            Bindings::Transform(b) => b.sluice_plugin_transform().call_process(store, ctx, records).map(|r| {
-                r.map(|output| TaskOutput {
-                    outputs: output.outputs,
-                    rejections: output.rejections,
-                    values: Vec::new(),
+        let result = self.call(|exports, store| match exports {
+            Exports::Transform { .. } => exports.process(store, ctx, records).map(|outcome| {
+                outcome.map(|r| {
+                    r.map(|output| TaskOutput {
+                        outputs: output.outputs,
+                        rejections: output.rejections,
+                        values: Vec::new(),
+                    })
                 })
             }),
-            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_process(store, ctx, records).map(|r| r.map(keyed)),
-            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_process(store, ctx, records).map(|r| r.map(keyed)),
-        };
+            _ => exports.keyed_process(store, ctx, records).map(|outcome| {
+                outcome.map(|r| {
+                    r.map(|output| TaskOutput {
+                        outputs: output.outputs,
+                        rejections: output.rejections,
+                        values: output.values,
+                    })
+                })
+            }),
+        });
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "process"))?;
         self.outcome(task, result)
     }
 
@@ -310,11 +358,8 @@ impl PluginInstance {
     pub fn update(&mut self, ctx: &BatchContext, groups: &[KeyGroup]) -> Result<Vec<KeyUpdate>, TaskError> {
         let task = format!("state partition {} of batch {} ms", ctx.partition, ctx.batch_time);
         self.store.data_mut().task = format!("state:{}", ctx.partition);
-        self.arm_deadline();
-        let result = match &self.bindings {
-            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_update(&mut self.store, ctx, groups),
-            _ => return Err(self.wrong_kind(task, "update")),
-        };
+        let result = self.call(|exports, store| exports.update(store, ctx, groups));
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "update"))?;
         let updates = self.outcome(task.clone(), result)?;
         if updates.len() != groups.len() {
             return Err(TaskError {
@@ -330,11 +375,8 @@ impl PluginInstance {
     /// Re-encodes states of schema `from_version` with a stateful plugin's `migrate`.
     pub fn migrate(&mut self, from_version: u32, states: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("migrating {} states from schema version {from_version}", states.len());
-        self.arm_deadline();
-        let result = match &self.bindings {
-            Bindings::Stateful(b) => b.sluice_plugin_stateful().call_migrate(&mut self.store, from_version, states),
-            _ => return Err(self.wrong_kind(task, "migrate")),
-        };
+        let result = self.call(|exports, store| exports.migrate(store, from_version, states));
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "migrate"))?;
         let migrated = self.outcome(task.clone(), result)?;
         self.check_count(task, migrated, states.len())
     }
@@ -342,11 +384,8 @@ impl PluginInstance {
     /// Folds each list of values into one with a windowed plugin's `reduce`.
     pub fn reduce(&mut self, lists: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("reducing {} window values", lists.len());
-        self.arm_deadline();
-        let result = match &self.bindings {
-            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_reduce(&mut self.store, lists),
-            _ => return Err(self.wrong_kind(task, "reduce")),
-        };
+        let result = self.call(|exports, store| exports.reduce(store, lists));
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "reduce"))?;
         let reduced = self.outcome(task.clone(), result)?;
         self.check_count(task, reduced, lists.len())
     }
@@ -354,11 +393,8 @@ impl PluginInstance {
     /// A windowed plugin's `inverse-reduce`, or `None` if it has none.
     pub fn inverse_reduce(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Option<Vec<Vec<u8>>>, TaskError> {
         let task = format!("inverse-reducing {} window values", pairs.len());
-        self.arm_deadline();
-        let result = match &self.bindings {
-            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_inverse_reduce(&mut self.store, pairs),
-            _ => return Err(self.wrong_kind(task, "inverse-reduce")),
-        };
+        let result = self.call(|exports, store| exports.inverse_reduce(store, pairs));
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "inverse-reduce"))?;
         match self.outcome(task.clone(), result)? {
             Some(values) => self.check_count(task, values, pairs.len()).map(Some),
             None => Ok(None),
@@ -368,12 +404,28 @@ impl PluginInstance {
     /// Turns one state partition's window results into records with a windowed plugin's `present`.
     pub fn present(&mut self, ctx: &BatchContext, results: &[KeyedValue]) -> Result<Vec<OutputRecord>, TaskError> {
         let task = format!("window ({}, {}] of state partition {}", ctx.from_offset, ctx.until_offset, ctx.partition);
-        self.arm_deadline();
-        let result = match &self.bindings {
-            Bindings::Windowed(b) => b.sluice_plugin_windowed().call_present(&mut self.store, ctx, results),
-            _ => return Err(self.wrong_kind(task, "present")),
-        };
+        let result = self.call(|exports, store| exports.present(store, ctx, results));
+        let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "present"))?;
         self.outcome(task, result)
+    }
+
+    /// One call of a batch function: armed with its deadline, its result lifted within the
+    /// output budget. `None` when the plugin's kind has no such function.
+    fn call<T>(
+        &mut self,
+        function: impl FnOnce(&Exports, &mut Store<InstanceState>) -> Option<Outcome<T>>,
+    ) -> Option<Outcome<T>> {
+        self.arm_deadline();
+        let (exports, store, budget) = (&self.exports, &mut self.store, &self.budget);
+        let mut missing = false;
+        let outcome = within(budget, || match function(exports, store) {
+            Some(outcome) => outcome,
+            None => {
+                missing = true;
+                Ok(Err(PluginError::Failed(String::new())))
+            }
+        });
+        (!missing).then_some(outcome)
     }
 
     /// Starts the CPU bound of a call: the deadline counts from now, whatever time passed
@@ -384,22 +436,18 @@ impl PluginInstance {
 
     /// Classifies a call's result and logs what the plugin printed during it.
     fn outcome<T>(&mut self, task: String, result: wasmtime::Result<Result<T, PluginError>>) -> Result<T, TaskError> {
-        self.log_output();
+        let printed = self.log_output();
         let plugin = self.identity.info.name.clone();
         let (kind, message) = match result {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(error)) => (FailureKind::PluginError, describe_error(&error)),
             Err(trap) => {
-                if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) {
-                    (FailureKind::Deadline, "ran out of fuel and was stopped".to_string())
-                } else if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
-                    let limit = self.deadline_ticks.saturating_sub(1) * sandbox::EPOCH_TICK.as_millis() as u64;
-                    let limit = humantime::format_duration(Duration::from_millis(limit));
-                    (FailureKind::Deadline, format!("ran past its deadline of {limit} and was stopped"))
-                } else if trap.root_cause().to_string().starts_with("forcing trap when growing") {
-                    (FailureKind::Memory, format!("exceeded its memory limit: {}", trap.root_cause()))
-                } else {
-                    (FailureKind::Trap, format!("{trap:#}"))
+                let (kind, message) = classify(&trap, self.deadline_ticks);
+                // A guest that panics says why on stderr before it traps: that line, not the
+                // wasm backtrace alone, is what the error (and a dead letter) should carry.
+                match (kind, last_words(&printed)) {
+                    (FailureKind::Trap, Some(said)) => (kind, format!("{said} ({message})")),
+                    _ => (kind, message),
                 }
             }
         };
@@ -407,18 +455,21 @@ impl PluginInstance {
     }
 
     /// Logs what the plugin wrote to stdout and stderr during the last call, one line each.
-    fn log_output(&mut self) {
+    /// Returns it.
+    fn log_output(&mut self) -> String {
         let (bytes, dropped) = self.store.data().output.take();
         if bytes.is_empty() && dropped == 0 {
-            return;
+            return String::new();
         }
         let (plugin, task) = (&self.store.data().plugin, &self.store.data().task);
-        for line in String::from_utf8_lossy(&bytes).lines().filter(|line| !line.trim().is_empty()) {
+        let printed = String::from_utf8_lossy(&bytes).into_owned();
+        for line in printed.lines().filter(|line| !line.trim().is_empty()) {
             tracing::info!(plugin, task, "output: {line}");
         }
         if dropped > 0 {
             tracing::warn!(plugin, task, "dropped {dropped} more bytes of plugin output");
         }
+        printed
     }
 
     fn check_count<T>(&self, task: String, values: Vec<T>, expected: usize) -> Result<Vec<T>, TaskError> {
@@ -442,9 +493,43 @@ impl PluginInstance {
             Bindings::Stateful(b) => b.call_describe(&mut self.store),
             Bindings::Windowed(b) => b.call_describe(&mut self.store),
         };
-        let info = info.map_err(|trap| anyhow!("trapped in describe: {trap:#}"))?;
+        let info = info.map_err(|trap| anyhow!("failed in describe: {}", classify(&trap, self.deadline_ticks).1))?;
         self.store.data_mut().plugin = info.name.clone();
         Ok(info)
+    }
+}
+
+/// What a plugin printed last before it trapped: a Rust guest's panic message (the line
+/// after `panicked at`, or the line itself), a Python traceback's last line.
+fn last_words(printed: &str) -> Option<String> {
+    let lines: Vec<&str> = printed.lines().map(str::trim).filter(|line| !line.is_empty()).collect();
+    let panicked = lines.iter().position(|line| line.contains("panicked at"));
+    let said = match panicked {
+        Some(at) => {
+            let said = lines[at..].iter().take(2).copied().collect::<Vec<_>>().join(" ");
+            // Rust prints `thread '<unnamed>' (1) panicked at FILE:LINE:COL:` then the message.
+            said[said.find("panicked at").unwrap_or(0)..].to_string()
+        }
+        None => lines.last()?.to_string(),
+    };
+    Some(said.chars().take(500).collect())
+}
+
+/// Why a call failed without answering: its deadline, a memory limit, or a trap (with the
+/// trap's own message and the plugin's backtrace).
+fn classify(trap: &wasmtime::Error, deadline_ticks: u64) -> (FailureKind, String) {
+    if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) {
+        (FailureKind::Deadline, "ran out of fuel and was stopped".to_string())
+    } else if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+        let limit = deadline_ticks.saturating_sub(1) * sandbox::EPOCH_TICK.as_millis() as u64;
+        let limit = humantime::format_duration(Duration::from_millis(limit));
+        (FailureKind::Deadline, format!("ran past its deadline of {limit} and was stopped"))
+    } else if let Some(exceeded) = trap.downcast_ref::<LimitExceeded>() {
+        (FailureKind::Memory, format!("exceeded its memory limit: {exceeded}"))
+    } else if let Some(too_large) = trap.downcast_ref::<OutputTooLarge>() {
+        (FailureKind::Memory, too_large.to_string())
+    } else {
+        (FailureKind::Trap, format!("{trap:#}"))
     }
 }
 
@@ -520,7 +605,7 @@ fn check_is_component(bytes: &[u8]) -> Result<()> {
 struct InstanceState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: InstanceLimits,
     output: CapturedOutput,
     plugin: String,
     task: String,

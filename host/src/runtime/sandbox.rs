@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
@@ -47,6 +47,10 @@ pub struct Sandbox {
     pub max_table_elements: u32,
     /// Core instances, tables and memories a component may create (a component holds several).
     pub max_instances: u32,
+    /// Bytes the host copies out of one plugin call's result, at most.
+    pub max_output_bytes: u64,
+    /// Bytes the host copies out of all of one batch's plugin calls together, at most.
+    pub max_batch_output_bytes: u64,
     /// Environment variables the plugin may read.
     pub env: Vec<(String, String)>,
     /// Host directories the plugin may read, and where it sees them.
@@ -69,6 +73,11 @@ impl Default for Sandbox {
             max_memory: 256 << 20,
             max_table_elements: 100_000,
             max_instances: 64,
+            // Twice the default memory: a result's host-side form (vectors, options) is
+            // larger than its encoding in the plugin's memory, and an honest plugin cannot
+            // return more than its memory holds — unless its results alias one buffer.
+            max_output_bytes: 512 << 20,
+            max_batch_output_bytes: 1 << 30,
             env: Vec::new(),
             dirs: Vec::new(),
         }
@@ -81,18 +90,15 @@ impl Sandbox {
         self.deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()) as u64 + 1
     }
 
-    /// The store limits of one instance.
-    pub fn limits(&self) -> StoreLimits {
-        StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(self.max_memory).unwrap_or(usize::MAX))
-            .table_elements(self.max_table_elements as usize)
-            .instances(self.max_instances as usize)
-            .tables(self.max_instances as usize)
-            .memories(self.max_instances as usize)
-            // A failed memory.grow would make Rust's allocator abort with a bare
-            // `unreachable`; a trap of its own says what happened.
-            .trap_on_grow_failure(true)
-            .build()
+    /// The limits of one instance.
+    pub fn limits(&self) -> InstanceLimits {
+        InstanceLimits {
+            max_memory: usize::try_from(self.max_memory).unwrap_or(usize::MAX),
+            max_table_elements: self.max_table_elements as usize,
+            max_instances: self.max_instances as usize,
+            memory: 0,
+            table_elements: 0,
+        }
     }
 
     /// The WASI context of one instance: only what the job granted, with stdout and stderr
@@ -110,6 +116,77 @@ impl Sandbox {
                 .with_context(|| format!("cannot grant directory {} to the plugin", dir.host.display()))?;
         }
         Ok(builder.build())
+    }
+}
+
+/// The limits of one plugin instance over all its memories and tables together. A component
+/// holds several core instances, and multi-memory lets one module declare many memories: a
+/// limit per memory (wasmtime's `StoreLimits`) would let one instance reach many times
+/// `--max-memory`.
+#[derive(Debug)]
+pub struct InstanceLimits {
+    max_memory: usize,
+    max_table_elements: usize,
+    max_instances: usize,
+    /// Bytes of every linear memory of the instance, as they are now.
+    memory: usize,
+    /// Elements of every table of the instance, as they are now.
+    table_elements: usize,
+}
+
+/// A memory or table that would grow past the instance's limit. Returned from the limiter, it
+/// makes the growing instruction (or the instantiation) trap with this error.
+#[derive(Debug, thiserror::Error)]
+#[error("its {what} would grow to {wanted} {unit} in all, past the limit of {limit} ({flag})")]
+pub struct LimitExceeded {
+    pub what: &'static str,
+    pub wanted: usize,
+    pub limit: usize,
+    pub unit: &'static str,
+    pub flag: &'static str,
+}
+
+impl ResourceLimiter for InstanceLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
+        if total > self.max_memory {
+            let (what, unit, flag) = ("linear memory", "bytes", "--max-memory");
+            return Err(LimitExceeded { what, wanted: total, limit: self.max_memory, unit, flag }.into());
+        }
+        self.memory = total;
+        Ok(true)
+    }
+
+    /// A refused grow traps, saying why: a plugin's allocator would otherwise abort with a
+    /// bare `unreachable`.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
+        if total > self.max_table_elements {
+            let (what, unit, flag) = ("tables", "elements", "--max-table-elements");
+            return Err(LimitExceeded { what, wanted: total, limit: self.max_table_elements, unit, flag }.into());
+        }
+        self.table_elements = total;
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.max_instances
+    }
+
+    fn tables(&self) -> usize {
+        self.max_instances
+    }
+
+    fn memories(&self) -> usize {
+        self.max_instances
     }
 }
 
