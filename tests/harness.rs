@@ -82,12 +82,14 @@ impl Running {
         Running { child, lines, seen: Vec::new() }
     }
 
-    /// Waits for a log line containing `text`.
+    /// Waits (a minute at most) for a log line containing `text`.
     pub fn wait_for(&mut self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = self
                 .lines
-                .recv_timeout(Duration::from_secs(60))
+                .recv_timeout(left)
                 .unwrap_or_else(|_| panic!("no log line with {text:?}; saw:\n{}", self.seen.join("\n")));
             self.seen.push(line.clone());
             if line.contains(text) {

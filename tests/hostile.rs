@@ -14,7 +14,7 @@ use crate::harness::{self, BrokerProcess, Running, host, run_host, unique};
 /// A component of the `transformer` world: `memories` extra memory declarations, and WAT
 /// bodies for `process` (which must leave a result pointer on the stack), `describe` and
 /// `init` (which run before answering a valid plugin-info and `ok`).
-fn component(dir: &Path, name: &str, memories: &str, process: &str, describe: &str, init: &str) -> PathBuf {
+pub fn component(dir: &Path, name: &str, memories: &str, process: &str, describe: &str, init: &str) -> PathBuf {
     let text = format!(
         r#"(module
   (memory (export "memory") 80)
@@ -64,7 +64,7 @@ fn component(dir: &Path, name: &str, memories: &str, process: &str, describe: &s
 }
 
 /// An ok result with `count` outputs at 0x800000 (whatever memory holds there).
-fn outputs_result(count: u32) -> String {
+pub fn outputs_result(count: u32) -> String {
     format!(
         "(i32.store8 (i32.const 0x100) (i32.const 0))
          (i32.store (i32.const 0x104) (i32.const 0x800000)) (i32.store (i32.const 0x108) (i32.const {count}))
@@ -104,7 +104,7 @@ fn memories() -> String {
     format!("{}\n{}\n{}\n{}", grow("$m1"), grow("$m2"), grow("$m3"), outputs_result(0))
 }
 
-const SPIN: &str = "(loop $spin (br $spin))";
+pub const SPIN: &str = "(loop $spin (br $spin))";
 
 /// `host run` of `plugin` with dead letters, running until stopped.
 fn job(plugin: &Path, broker: &BrokerProcess, topic: &str, dead: &str, limits: &[&str]) -> std::process::Command {

@@ -7,6 +7,8 @@ mod harness;
 /// In-process set-up: `MockCluster`, librdkafka clients, a job template.
 mod mock_kafka;
 
+/// The admin endpoint against floods, slow clients and idle connections.
+mod admin;
 /// Bad plugins, configurations and brokers: one clear error line, non-zero exit, no commit.
 mod bad_input;
 /// `host demo`, as the README runs it.

@@ -124,3 +124,58 @@ fn a_start_in_a_job_file_seeks_once_across_restarts() {
     }
     assert_eq!(checkpoint_state(&checkpoint), expected, "a new --start is a decision to re-read");
 }
+
+/// Runs misbehave over `clock` records, crashing once its first batch is delivered, then again
+/// to replay that batch; returns the outputs of both runs, in order.
+fn clock_readings_over_a_replay(grants: &[&str]) -> (Vec<String>, Vec<String>) {
+    let (topic, output) = (unique("clock"), unique("clock-out"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&output, 1)]);
+    let inputs: Vec<Input> = (0..5).map(|_| Input { partition: 0, key: None, value: "clock".into() }).collect();
+    produce(&broker.brokers, &topic, &inputs);
+    let dir = tempfile::tempdir().unwrap();
+    let job = || {
+        let mut command = host();
+        command
+            .args(["run", "--plugin", sluice_plugin_artifacts::MISBEHAVE, "--brokers", &broker.brokers])
+            .args(["--topic", &topic, "--group", "clock", "--output-topic", &output, "--batch-interval", "200ms"])
+            .args(["--auto-offset-reset", "earliest", "--stop-when-caught-up", "--checkpoint"])
+            .arg(dir.path())
+            .args(grants);
+        command
+    };
+    let crashed = run_host(job().env(sluice_host::failpoint::VARIABLE, "deliver:1"), LIMIT);
+    assert!(crashed.stderr().contains("crashing at deliver #1"), "{}", crashed.stderr());
+    run_host(&mut job(), LIMIT).assert_success();
+    let values: Vec<String> =
+        crate::harness::consume(&broker.brokers, &output).into_iter().map(|r| r.value.unwrap()).collect();
+    assert_eq!(values.len(), 10, "the batch delivered twice: before the crash and by its replay");
+    let (first, replay) = values.split_at(5);
+    (first.to_vec(), replay.to_vec())
+}
+
+#[test]
+fn a_replayed_batch_reads_the_clock_and_randomness_its_first_run_read() {
+    let (first, replay) = clock_readings_over_a_replay(&[]);
+    assert_eq!(first, replay, "the replay produced other outputs");
+    let readings: Vec<(i64, u64, u64)> = first
+        .iter()
+        .map(|value| {
+            let fields: Vec<&str> = value.split(' ').collect();
+            (fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
+        })
+        .collect();
+    let (wall, elapsed, _) = readings[0];
+    assert_eq!(wall % 200, 0, "the wall clock reads the batch time, a tick of the 200 ms interval");
+    assert!(readings.iter().all(|reading| reading.0 == wall && reading.1 == 0), "time stands still: {readings:?}");
+    assert_eq!(elapsed, 0);
+    let randoms: std::collections::BTreeSet<u64> = readings.iter().map(|reading| reading.2).collect();
+    assert_eq!(randoms.len(), 5, "each record draws another number from the batch's stream");
+}
+
+#[test]
+fn with_the_real_clock_and_randomness_granted_a_replay_reads_others() {
+    let (first, replay) = clock_readings_over_a_replay(&["--allow-wall-clock", "--allow-random"]);
+    for (first, replay) in first.iter().zip(&replay) {
+        assert_ne!(first, replay);
+    }
+}

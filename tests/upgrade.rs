@@ -13,10 +13,15 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// `host run` of `plugin` over `topic` with a checkpoint in `dir`, until stopped.
 fn job(plugin: &str, brokers: &str, topic: &str, output: &str, dir: &Path) -> Command {
+    job_every("200ms", plugin, brokers, topic, output, dir)
+}
+
+/// As [`job`], with batches every `interval`.
+fn job_every(interval: &str, plugin: &str, brokers: &str, topic: &str, output: &str, dir: &Path) -> Command {
     let mut command = host();
     command
         .args(["run", "--plugin", plugin, "--brokers", brokers, "--topic", topic, "--group", "upgrade"])
-        .args(["--output-topic", output, "--auto-offset-reset", "earliest", "--batch-interval", "200ms"])
+        .args(["--output-topic", output, "--auto-offset-reset", "earliest", "--batch-interval", interval])
         .args(["--kafka", "fetch.wait.max.ms=20"])
         .arg("--checkpoint")
         .arg(dir);
@@ -199,4 +204,198 @@ fn word_count_v1_to_v2_live_changes_the_state_encoding_and_counts_stay_exact() {
     running.signal();
     assert_eq!(running.exit_code(), Some(0));
     assert_eq!(word_counts(dir.path()), count(&produced));
+}
+
+/// Waits until a batch with records was held by a build on probation.
+fn wait_held_with_records(running: &mut Running) {
+    loop {
+        running.wait_for("(held: probation)");
+        if !running.seen.last().unwrap().contains("(held: probation): 0 in") {
+            return;
+        }
+    }
+}
+
+/// `host run` of the job in `dir` without `--plugin`: the build the checkpoint ran last.
+fn job_without_plugin(brokers: &str, topic: &str, output: &str, dir: &Path) -> Command {
+    let mut command = host();
+    command
+        .args(["run", "--brokers", brokers, "--topic", topic, "--group", "upgrade", "--output-topic", output])
+        .args(["--auto-offset-reset", "earliest", "--batch-interval", "200ms", "--kafka", "fetch.wait.max.ms=20"])
+        .arg("--checkpoint")
+        .arg(dir);
+    command
+}
+
+#[test]
+fn word_count_v2_failing_its_second_probation_batch_is_rolled_back_and_counts_stay_exact() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, 3), (&output, 3)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut random = Seeded(11);
+    let produced = lines(&mut random, 120);
+    produce(&broker.brokers, &topic, &produced[..40]);
+    let mut running =
+        Running::start(job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path()));
+    wait_caught_up(&broker.brokers, &topic);
+    let checkpoint = dir.path().to_path_buf();
+    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    running.wait_for("switching from wordcount");
+    // v2's first probation batch: counted, its state written under schema 2, held.
+    produce(&broker.brokers, &topic, &produced[40..41]);
+    wait_held_with_records(&mut running);
+    // Its second: a word v2 cannot count.
+    let crash = Input { partition: 0, key: None, value: "w1 v2-crash w2".into() };
+    produce(&broker.brokers, &topic, std::slice::from_ref(&crash));
+    let answer = upgrading.join().unwrap();
+    answer.assert_error(&["rolled back from wordcount 2.0.0", "to wordcount 0.1.0", "cannot count this word"]);
+    assert!(!answer.stderr().contains("halting"), "the job rolls back, it does not halt: {}", answer.stderr());
+
+    // v1 goes on, from state it can read: the held batch and the failed one counted once, by v1.
+    produce(&broker.brokers, &topic, &produced[41..]);
+    wait_caught_up(&broker.brokers, &topic);
+    let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
+    assert!(status.stdout().contains(r#""version": "0.1.0""#), "v1 runs again:\n{}", status.stdout());
+    running.signal();
+    assert_eq!(running.exit_code(), Some(0));
+    let mut all = produced;
+    all.push(crash);
+    assert_eq!(word_counts(dir.path()), count(&all));
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(dir.path()), LIMIT).stdout();
+    assert!(!inspect.contains("wordcount 2.0.0"), "nothing of v2 was committed:\n{inspect}");
+}
+
+#[test]
+fn an_upgraded_build_survives_restarts_and_going_back_to_the_old_file_needs_force() {
+    let (topic, output) = (unique("access-log"), unique("clean"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&output, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let case = etl_case(0, 90, 1);
+    produce(&broker.brokers, &topic, &case.lines[..30]);
+    let mut running = Running::start(job(sluice_plugin_artifacts::ETL, &broker.brokers, &topic, &output, dir.path()));
+    wait_caught_up(&broker.brokers, &topic);
+    let checkpoint = dir.path().to_path_buf();
+    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::ETL_V2, &checkpoint, &[]));
+    running.wait_for("switching from etl");
+    produce(&broker.brokers, &topic, &case.lines[30..40]);
+    wait_held_with_records(&mut running);
+    produce(&broker.brokers, &topic, &case.lines[40..50]);
+    upgrading.join().unwrap().assert_success();
+    wait_caught_up(&broker.brokers, &topic);
+    running.signal();
+    assert_eq!(running.exit_code(), Some(0));
+    let upgraded_outputs = consume(&broker.brokers, &output).len();
+
+    // The original file again: refused, both builds named.
+    let mut old = job(sluice_plugin_artifacts::ETL, &broker.brokers, &topic, &output, dir.path());
+    run_host(old.arg("--stop-when-caught-up"), LIMIT).assert_error(&[
+        "runs etl 2.0.0",
+        "plugin etl 0.1.0",
+        "Leave out --plugin to continue with etl 2.0.0",
+        "--force to go back to etl 0.1.0",
+    ]);
+    // No --plugin: the upgraded build goes on.
+    produce(&broker.brokers, &topic, &case.lines[50..70]);
+    let mut current = job_without_plugin(&broker.brokers, &topic, &output, dir.path());
+    let run = run_host(current.arg("--stop-when-caught-up"), LIMIT);
+    run.assert_success();
+    assert!(run.stderr().contains("no --plugin: continuing with etl 2.0.0"), "{}", run.stderr());
+    let continued = consume(&broker.brokers, &output);
+    assert!(continued[upgraded_outputs..].iter().all(|r| r.headers.contains_key("etl-version")), "v2's outputs");
+    // --force: back to the old build, on purpose.
+    produce(&broker.brokers, &topic, &case.lines[70..]);
+    let mut forced = job(sluice_plugin_artifacts::ETL, &broker.brokers, &topic, &output, dir.path());
+    let run = run_host(forced.args(["--stop-when-caught-up", "--force"]), LIMIT);
+    run.assert_success();
+    let records = consume(&broker.brokers, &output);
+    assert!(records[continued.len()..].iter().all(|r| !r.headers.contains_key("etl-version")), "v1's outputs");
+    let mut delivered: Vec<String> = records.into_iter().map(|r| r.value.unwrap()).collect();
+    delivered.sort();
+    let mut expected = case.expected.clone();
+    expected.sort();
+    assert_eq!(delivered, expected, "every valid line once across the upgrade and both restarts");
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(dir.path()), LIMIT).stdout();
+    assert!(inspect.contains("active build: etl 0.1.0"), "{inspect}");
+}
+
+/// Stops `running` with SIGTERM and checks it exits with status 0 within ten seconds.
+fn stops_promptly(running: Running) {
+    let asked = Instant::now();
+    running.signal();
+    assert_eq!(running.exit_code(), Some(0));
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(10), "the host took {took:?} to stop");
+}
+
+#[test]
+fn stopping_with_an_upgrade_waiting_for_its_batch_boundary_answers_it_and_exits() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&output, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    // A long interval: the validated upgrade waits for a boundary that does not come.
+    let command = job_every("1h", sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path());
+    let mut running = Running::start(command);
+    running.wait_for("admin endpoint on");
+    let checkpoint = dir.path().to_path_buf();
+    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    running.wait_for("validated; switching at the next batch");
+    stops_promptly(running);
+    upgrading.join().unwrap().assert_error(&["upgrade not done", "the job is stopping"]);
+}
+
+#[test]
+fn stopping_with_an_upgrade_on_probation_commits_nothing_of_it_and_the_restart_replays_its_batches() {
+    let (topic, output) = (unique("words"), unique("counts"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&output, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut random = Seeded(3);
+    let produced: Vec<Input> = lines(&mut random, 30).into_iter().map(|line| Input { partition: 0, ..line }).collect();
+    produce(&broker.brokers, &topic, &produced[..20]);
+    let mut running =
+        Running::start(job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path()));
+    wait_caught_up(&broker.brokers, &topic);
+    let checkpoint = dir.path().to_path_buf();
+    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    running.wait_for("switching from wordcount");
+    // One batch with records on probation (it needs two), then an idle topic.
+    produce(&broker.brokers, &topic, &produced[20..]);
+    wait_held_with_records(&mut running);
+    stops_promptly(running);
+    upgrading.join().unwrap().assert_error(&["upgrade not done", "the job is stopping"]);
+    assert_eq!(offsets(&broker.brokers, &topic, "upgrade")[&0].committed, Some(20), "nothing of v2 committed");
+
+    // The next start replays the held batch with the active build, v1.
+    let mut restart = job_without_plugin(&broker.brokers, &topic, &output, dir.path());
+    let run = run_host(restart.arg("--stop-when-caught-up"), LIMIT);
+    run.assert_success();
+    assert!(run.stderr().contains("continuing with wordcount 0.1.0"), "{}", run.stderr());
+    assert!(run.stderr().contains("(replayed)"), "{}", run.stderr());
+    assert_eq!(word_counts(dir.path()), count(&produced));
+}
+
+#[test]
+fn stopping_while_an_upgrade_is_being_validated_answers_it_and_exits() {
+    let (topic, output) = (unique("events"), unique("out"));
+    let broker = BrokerProcess::start(&[(&topic, 1), (&output, 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    // A candidate whose `init` spins: validation takes the whole task deadline.
+    let slow = crate::hostile::component(
+        dir.path(),
+        "slow-init",
+        "",
+        &crate::hostile::outputs_result(0),
+        "",
+        crate::hostile::SPIN,
+    );
+    let mut command = job(sluice_plugin_artifacts::BUSY, &broker.brokers, &topic, &output, dir.path());
+    command.args(["--task-deadline", "2min"]);
+    let mut running = Running::start(command);
+    running.wait_for("admin endpoint on");
+    let upgrading = {
+        let (slow, checkpoint) = (slow.to_str().unwrap().to_string(), dir.path().to_path_buf());
+        std::thread::spawn(move || upgrade(&slow, &checkpoint, &["--force"]))
+    };
+    running.wait_for("validating the upgrade to");
+    stops_promptly(running);
+    upgrading.join().unwrap().assert_error(&["upgrade not done", "the job is stopping"]);
 }

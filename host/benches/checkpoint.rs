@@ -53,7 +53,9 @@ fn plan_write() -> Duration {
     let mut times: Vec<Duration> = (0..MEASURED_BATCHES as i64)
         .map(|batch_time| {
             let started = Instant::now();
-            checkpoint.begin_batch(&PendingBatch { batch_time, ranges: ranges.clone() }).expect("plan write");
+            checkpoint
+                .begin_batch(&[PendingBatch { batch_time, ranges: ranges.clone(), build: None }])
+                .expect("plan write");
             started.elapsed()
         })
         .collect();
@@ -130,9 +132,8 @@ fn commit(checkpoint: &Checkpoint, batch_time: i64, changes: BatchChanges, plugi
         config: &[],
         member: "bench",
         applied_starts: &[],
-        remainder: None,
     };
-    checkpoint.commit(&commit).expect("commit");
+    checkpoint.commit(&[commit], &[]).expect("commit");
 }
 
 fn ms(duration: Duration) -> f64 {

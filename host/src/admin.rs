@@ -7,28 +7,37 @@
 //!
 //! - `GET /status` → the running plugin, the last batch and the lag, as JSON;
 //! - `POST /upgrade` with `{"plugin": PATH, "force": bool}` → waits for the outcome (refused,
-//!   upgraded after its first batches, or rolled back) and returns it as JSON.
+//!   upgraded after its probation batches, rolled back, or the job stopping) and returns it.
+//!
+//! The listener's limits ([`crate::http::Limits::CONTROL`]) are checked before the token, so
+//! anyone on loopback can at most get an error: not exhaust memory, threads or connections.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::engine::{Status, UpgradeOutcome, UpgradeRequest};
+use crate::control::{Status, UpgradeOutcome, UpgradeRequest};
+use crate::http::{Limits, Listener};
 
 /// The file, in the checkpoint directory, that tells clients where the endpoint is.
 pub const ADMIN_FILE: &str = "admin.json";
 /// How long a client waits for an upgrade's outcome (validation plus the probation batches).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
-/// How often the server checks whether it should stop.
-const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// How long a client keeps asking an endpoint that is at its connection limit.
+const BUSY_RETRY: Duration = Duration::from_secs(15);
 
 /// Where the endpoint listens and the token it expects.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,134 +54,170 @@ pub struct UpgradeBody {
     pub force: bool,
 }
 
-/// A running admin endpoint; stops (and removes `admin.json`) when dropped.
+/// A running admin endpoint; stops (and removes `admin.json`) when dropped, answering the
+/// upgrades still waiting "job stopping".
 pub struct AdminServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    listener: Listener,
     file: PathBuf,
-    address: SocketAddr,
+    stopping: watch::Sender<bool>,
+    answering: Arc<AtomicUsize>,
 }
 
+/// What the handlers share.
+#[derive(Clone)]
+struct Admin {
+    token: Arc<str>,
+    status: Arc<Mutex<Status>>,
+    upgrades: Sender<UpgradeRequest>,
+    /// Becomes `true` when the job stops.
+    stopping: watch::Receiver<bool>,
+    /// Upgrade requests waiting for their answer.
+    answering: Arc<AtomicUsize>,
+}
+
+/// How long a stopping endpoint gives waiting upgrade requests to receive their answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
 impl AdminServer {
-    /// Listens on `address` (loopback unless the job says otherwise) and writes `admin.json`
-    /// with a fresh token into `dir`.
+    /// Listens on `address` (loopback unless the job says otherwise) on the current tokio
+    /// runtime and writes `admin.json` with a fresh token into `dir`.
     pub fn start(
         address: SocketAddr,
         dir: &Path,
         status: Arc<Mutex<Status>>,
         upgrades: Sender<UpgradeRequest>,
     ) -> Result<AdminServer> {
-        let listener =
-            TcpListener::bind(address).with_context(|| format!("cannot listen for admin requests on {address}"))?;
-        listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?;
         let token = new_token()?;
+        let (stopping, stopped) = watch::channel(false);
+        let answering = Arc::new(AtomicUsize::new(0));
+        let admin =
+            Admin { token: token.clone().into(), status, upgrades, stopping: stopped, answering: answering.clone() };
+        let router = Router::new()
+            .route("/status", get(status_handler))
+            .route("/upgrade", post(upgrade_handler))
+            .fallback(|| async {
+                reply(StatusCode::NOT_FOUND, serde_json::json!({"error": "try GET /status or POST /upgrade"}))
+            })
+            .with_state(admin);
+        let listener = Listener::start(address, router, Limits::CONTROL)
+            .with_context(|| format!("cannot listen for admin requests on {address}"))?;
+        let address = listener.address();
         let file = dir.join(ADMIN_FILE);
-        write_private(&file, &serde_json::to_vec(&AdminFile { address, token: token.clone() })?)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new().name("sluice-admin".into()).spawn(move || {
-            while !stopping.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (token, status, upgrades) = (token.clone(), status.clone(), upgrades.clone());
-                        // An upgrade request waits for its outcome; status requests must not.
-                        std::thread::spawn(move || {
-                            if let Err(error) = serve(stream, &token, &status, &upgrades) {
-                                tracing::debug!("admin request failed: {error:#}");
-                            }
-                        });
-                    }
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
-                    Err(error) => tracing::warn!("admin endpoint: {error}"),
-                }
-            }
-        })?;
+        write_private(&file, &serde_json::to_vec(&AdminFile { address, token })?)?;
         tracing::info!("admin endpoint on http://{address} (token in {})", file.display());
-        Ok(AdminServer { stop, thread: Some(thread), file, address })
+        Ok(AdminServer { listener, file, stopping, answering })
     }
 
     pub fn address(&self) -> SocketAddr {
-        self.address
+        self.listener.address()
     }
 }
 
 impl Drop for AdminServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
         let _ = std::fs::remove_file(&self.file);
+        let _ = self.stopping.send(true);
+        // The answers are written by the runtime's other threads; the process may exit soon
+        // after this returns.
+        let deadline = Instant::now() + ANSWER_GRACE;
+        while self.answering.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
-/// Answers one request.
-fn serve(stream: TcpStream, token: &str, status: &Mutex<Status>, upgrades: &Sender<UpgradeRequest>) -> Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut authorized = false;
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "authorization" => {
-                    authorized = value.strip_prefix("Bearer ").is_some_and(|given| constant_eq(given, token))
-                }
-                "content-length" => length = value.parse().context("bad Content-Length")?,
-                _ => {}
-            }
-        }
-    }
-    let mut body = vec![0; length.min(1 << 20)];
-    reader.read_exact(&mut body)?;
+fn reply(code: StatusCode, body: serde_json::Value) -> Response {
+    (code, axum::Json(body)).into_response()
+}
 
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, answer) = if !authorized {
-        (401, serde_json::json!({ "error": "missing or wrong token (see admin.json in the checkpoint directory)" }))
-    } else {
-        match (method, path) {
-            ("GET", "/status") => (200, status.lock().expect("not poisoned").to_json()),
-            ("POST", "/upgrade") => match serde_json::from_slice::<UpgradeBody>(&body) {
-                Ok(body) => {
-                    let (reply, outcome) = std::sync::mpsc::channel();
-                    upgrades
-                        .send(UpgradeRequest { plugin: body.plugin, force: body.force, reply })
-                        .context("the job is stopping")?;
-                    let outcome =
-                        outcome.recv().unwrap_or(UpgradeOutcome::Refused { reason: "the job stopped".into() });
-                    (200, serde_json::to_value(outcome)?)
-                }
-                Err(error) => (400, serde_json::json!({ "error": format!("bad upgrade request: {error}") })),
-            },
-            _ => (404, serde_json::json!({ "error": format!("no {method} {path}; try GET /status or POST /upgrade") })),
+/// Whether the request carries the bearer token (compared in constant time).
+fn authorized(admin: &Admin, headers: &HeaderMap) -> bool {
+    let given =
+        headers.get("authorization").and_then(|value| value.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|given| constant_eq(given, &admin.token))
+}
+
+fn unauthorized() -> Response {
+    reply(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({ "error": "missing or wrong token (see admin.json in the checkpoint directory)" }),
+    )
+}
+
+async fn status_handler(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    if !authorized(&admin, &headers) {
+        return unauthorized();
+    }
+    let status = admin.status.lock().expect("not poisoned").to_json();
+    reply(StatusCode::OK, status)
+}
+
+async fn upgrade_handler(State(admin): State<Admin>, headers: HeaderMap, body: axum::body::Body) -> Response {
+    if !authorized(&admin, &headers) {
+        return unauthorized();
+    }
+    // The body (small, by the listener's limit) must arrive within the request deadline too.
+    let body = match tokio::time::timeout(Limits::CONTROL.header_deadline, axum::body::to_bytes(body, usize::MAX)).await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({ "error": format!("bad request body: {error}") }),
+            );
+        }
+        Err(_) => return reply(StatusCode::REQUEST_TIMEOUT, serde_json::json!({ "error": "request body too slow" })),
+    };
+    let body: UpgradeBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": format!("bad upgrade request: {error}") }),
+            );
         }
     };
-    let body = serde_json::to_vec_pretty(&answer)?;
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(code),
-        body.len()
-    )?;
-    stream.write_all(&body)?;
-    Ok(())
+    let _answering = Answering::start(&admin.answering);
+    let mut stopping = admin.stopping.clone();
+    if *stopping.borrow() {
+        return outcome_reply(UpgradeOutcome::job_stopping());
+    }
+    let (answer, outcome) = tokio::sync::oneshot::channel();
+    if admin.upgrades.send(UpgradeRequest { plugin: body.plugin, force: body.force, reply: answer }).is_err() {
+        return outcome_reply(UpgradeOutcome::job_stopping());
+    }
+    // The outcome comes when the validator refuses, once the new version's probation batches
+    // are committed or rolled back, or when the job stops (every pending upgrade is answered
+    // then, and so is this request, whatever the validator is doing).
+    let outcome = tokio::select! {
+        outcome = outcome => outcome.unwrap_or_else(|_| UpgradeOutcome::job_stopping()),
+        _ = stopping.wait_for(|stopping| *stopping) => UpgradeOutcome::job_stopping(),
+    };
+    outcome_reply(outcome)
+}
+
+fn outcome_reply(outcome: UpgradeOutcome) -> Response {
+    reply(StatusCode::OK, serde_json::to_value(outcome).expect("plain enum"))
+}
+
+/// Counts upgrade requests waiting for their answer, so a stopping job can let them have it.
+struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    fn start(count: &Arc<AtomicUsize>) -> Answering {
+        count.fetch_add(1, Ordering::SeqCst);
+        Answering(count.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Sends one request to the endpoint of the job whose checkpoint is `dir`: `(status code,
-/// JSON body)`.
+/// JSON body)`. An endpoint at its connection limit is asked again for a few seconds.
 pub fn request(
     dir: &Path,
     method: &str,
@@ -184,10 +229,21 @@ pub fn request(
         &std::fs::read(&file).with_context(|| format!("no running job found: cannot read {}", file.display()))?,
     )
     .with_context(|| format!("unreadable {}", file.display()))?;
+    let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
+    let deadline = Instant::now() + BUSY_RETRY;
+    loop {
+        let answer = send(&admin, method, path, &body);
+        match answer {
+            Ok((503, _)) | Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            answer => return answer,
+        }
+    }
+}
+
+fn send(admin: &AdminFile, method: &str, path: &str, body: &[u8]) -> Result<(u16, serde_json::Value)> {
     let mut stream = TcpStream::connect_timeout(&admin.address, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the job's admin endpoint at {} (is it running?)", admin.address))?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -195,23 +251,18 @@ pub fn request(
         admin.token,
         body.len()
     )?;
-    stream.write_all(&body)?;
+    stream.write_all(body)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).context("no answer from the admin endpoint")?;
     let (head, body) = response.split_once("\r\n\r\n").context("malformed answer from the admin endpoint")?;
     let code: u16 =
         head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).context("malformed status line")?;
-    let body = serde_json::from_str(body).context("the admin endpoint did not answer JSON")?;
+    let body = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).context("the admin endpoint did not answer JSON")?
+    };
     Ok((code, body))
-}
-
-fn reason(code: u16) -> &'static str {
-    match code {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        _ => "Not Found",
-    }
 }
 
 /// A 256-bit token from the operating system's random source.

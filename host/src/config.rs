@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::{Deserialize, Deserializer};
 
 use crate::offsets::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
-use crate::runtime::{CpuLimit, GrantedDir, Sandbox};
+use crate::runtime::{CpuLimit, Determinism, GrantedDir, Sandbox};
 use crate::source::TaskBounds;
 
 /// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
@@ -60,8 +60,16 @@ const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct JobOptions {
     /// The plugin: a Wasm component built for wasm32-wasip2 (in a job file, relative to the file).
+    /// A job with a checkpoint that has run may leave it out: it continues with the build it
+    /// ran last (kept in the checkpoint directory), hot upgrades included.
     #[arg(long, env = "SLUICE_PLUGIN", value_name = "PATH")]
     pub plugin: Option<PathBuf>,
+
+    /// Start with a plugin build the checkpoint ran before the one it runs now (a rollback by
+    /// hand; its state schema must still read the state).
+    #[arg(long, env = "SLUICE_FORCE")]
+    #[serde(default)]
+    pub force: bool,
 
     /// Configuration passed to the plugin's `init`, as KEY=VALUE (repeatable).
     #[arg(long = "plugin-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -300,6 +308,19 @@ pub struct JobOptions {
     #[serde(default)]
     pub postgres_keys: Vec<String>,
 
+    /// Give the plugin the host's real clocks. Without it the wall clock reads the batch time
+    /// and the monotonic clock stands still at it, so a replayed batch sees the time its first
+    /// run saw.
+    #[arg(long, env = "SLUICE_ALLOW_WALL_CLOCK")]
+    #[serde(default)]
+    pub allow_wall_clock: bool,
+
+    /// Give the plugin the operating system's randomness. Without it random bytes come from a
+    /// generator seeded with (job, batch time, partition), the same again on a replay.
+    #[arg(long, env = "SLUICE_ALLOW_RANDOM")]
+    #[serde(default)]
+    pub allow_random: bool,
+
     /// Grant the plugin one environment variable, as NAME=VALUE (repeatable). Plugins see no
     /// environment otherwise.
     #[arg(long = "allow-env", value_name = "NAME=VALUE", value_parser = parse_key_value)]
@@ -341,6 +362,7 @@ impl JobOptions {
         }
         JobOptions {
             plugin: self.plugin.or(file.plugin),
+            force: self.force || file.force,
             plugin_config: pairs(file.plugin_config, self.plugin_config),
             brokers: self.brokers.or(file.brokers),
             topics: list(self.topics, file.topics),
@@ -386,6 +408,8 @@ impl JobOptions {
             dead_letter_topic: self.dead_letter_topic.or(file.dead_letter_topic),
             allow_output_topics: list(self.allow_output_topics, file.allow_output_topics),
             instance_id: self.instance_id.or(file.instance_id),
+            allow_wall_clock: self.allow_wall_clock || file.allow_wall_clock,
+            allow_random: self.allow_random || file.allow_random,
             allow_env: pairs(file.allow_env, self.allow_env),
             allow_dirs: list(self.allow_dirs, file.allow_dirs),
         }
@@ -404,7 +428,10 @@ pub enum Topics {
 /// A complete, validated job: what the engine runs.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
-    pub plugin: PathBuf,
+    /// `None`: the build the checkpoint ran last.
+    pub plugin: Option<PathBuf>,
+    /// Whether a build older than the checkpoint's current one may start (`--force`).
+    pub force: bool,
     pub plugin_config: Vec<(String, String)>,
     pub brokers: String,
     pub topics: Topics,
@@ -580,7 +607,12 @@ impl JobConfig {
     /// Validates merged options and fills in defaults.
     pub fn from_options(options: JobOptions) -> Result<JobConfig> {
         let sandbox = sandbox(&options)?;
-        let plugin = options.plugin.context("no plugin given: pass --plugin PATH or set `plugin` in the job file")?;
+        if options.plugin.is_none() && options.checkpoint.is_none() {
+            bail!(
+                "no plugin given: pass --plugin PATH or set `plugin` in the job file (a job with a --checkpoint that \
+                 has run continues with the build it ran last)"
+            );
+        }
         let topics = match (options.topics.is_empty(), options.topic_pattern) {
             (false, None) => Topics::Named(options.topics),
             (true, Some(pattern)) => Topics::Pattern(
@@ -619,7 +651,8 @@ impl JobConfig {
             None => host_name(),
         };
         Ok(JobConfig {
-            plugin,
+            plugin: options.plugin,
+            force: options.force,
             plugin_config: options.plugin_config,
             brokers: options.brokers.unwrap_or_else(|| DEFAULT_BROKERS.into()),
             topics,
@@ -768,6 +801,11 @@ fn sandbox(options: &JobOptions) -> Result<Sandbox> {
         max_batch_output_bytes: options.max_batch_output_bytes.unwrap_or(defaults.max_batch_output_bytes),
         env: options.allow_env.clone(),
         dirs,
+        determinism: Determinism {
+            job_seed: Determinism::seed_of(options.group.as_deref().unwrap_or_default()),
+            wall_clock: options.allow_wall_clock,
+            os_random: options.allow_random,
+        },
     })
 }
 

@@ -24,7 +24,7 @@ pub fn inspect(dir: &Path) -> Result<String> {
         Some(time) => writeln!(text, "last batch: {time} ms ({})", utc(time))?,
         None => writeln!(text, "last batch: none committed yet")?,
     }
-    if let Some(pending) = &resume.pending {
+    for pending in &resume.pending {
         writeln!(
             text,
             "interrupted batch: {} ms, replayed with the same ranges on the next start: {}",
@@ -40,8 +40,11 @@ pub fn inspect(dir: &Path) -> Result<String> {
         writeln!(text, "  {partition}  {offset}")?;
     }
     writeln!(text, "plugins (oldest first):")?;
-    for run in view.plugin_runs()? {
+    for run in &resume.plugin_runs {
         writeln!(text, "  {run}")?;
+    }
+    if let Some(active) = resume.plugin_runs.last() {
+        writeln!(text, "active build: {} {} (sha256 {})", active.name, active.version, active.digest)?;
     }
     let StateStats { partitions, schemas, samples } = view.state_stats(SAMPLE_KEYS)?;
     let keys: u64 = partitions.iter().map(|p| p.keys).sum();

@@ -94,6 +94,7 @@ fn upgrade(args: UpgradeArgs) -> Result<()> {
             answer["batch"],
             text("reason")
         ),
+        Some("stopped") => anyhow::bail!("upgrade not done: {}", text("reason")),
         _ => anyhow::bail!("upgrade refused: {}", text("reason")),
     }
 }

@@ -72,6 +72,17 @@
 //!
 //! Keys, values and state travel as bytes through [`Codec`]: integers and strings as text,
 //! any serde type through [`Json`]. [`testing`] runs each kind natively.
+//!
+//! # Replays repeat
+//!
+//! A batch interrupted by a crash runs again with the same records and the same batch time,
+//! and inside the host `std::time::SystemTime::now()` reads that batch time
+//! (`ctx.batch_time`), `Instant::now()` does not move during a call, and random
+//! numbers (`getrandom`, `rand`) come from a stream seeded with the job, the batch time and
+//! the partition. So a plugin that uses them produces the same outputs on a replay — keep it
+//! that way by emitting in a defined order (a `BTreeMap` rather than a `HashMap`, whose order
+//! depends on the instance). Jobs that need the real clock or randomness grant them with
+//! `--allow-wall-clock` and `--allow-random`.
 
 #![deny(missing_docs)]
 

@@ -22,6 +22,16 @@ pub struct Replay {
     /// `false` when Kafka already holds the batch's outputs and offsets and only its state
     /// changes were lost: the replay rebuilds state and delivers nothing.
     pub deliver: bool,
+    /// The plugin build the batch ran with the first time: a replay that only rebuilds state
+    /// runs it too (its outputs in Kafka came from it); one that delivers runs the job's.
+    pub build: Option<String>,
+}
+
+impl Replay {
+    /// The replay as a plan still to run, as the checkpoint records it.
+    pub fn plan(&self) -> PendingBatch {
+        PendingBatch { batch_time: self.batch_time, ranges: self.ranges.clone(), build: self.build.clone() }
+    }
 }
 
 /// Where partitions continue, as far as this host knows.
@@ -95,49 +105,68 @@ impl Positions {
     }
 }
 
-/// Turns a batch the last run planned but did not commit into the replays that finish it,
-/// given where each of its partitions starts now and what the group committed:
+/// Turns the batches the last run planned but did not commit (oldest first) into the replays
+/// that finish them, given where each of their partitions starts now and what the group
+/// committed:
 ///
-/// - a partition that starts at its range's beginning replays the range in full;
+/// - a partition that starts at (or before) a range's beginning replays the range in full;
 /// - one whose range the group holds already (the group committed the batch, the checkpoint
 ///   did not get to) replays it without delivering — for state only (`stateful`); a transform
 ///   has nothing to rebuild and skips it;
 /// - one the group committed part of (the batch ran in pieces) does both, in order;
-/// - any other (another member moved it on, or a new `--start`) leaves the plan.
+/// - any other (another member moved it on) leaves the plan.
+///
+/// "The group holds it" means the group's offset reaches the range and its metadata names this
+/// batch or a later one of the plans (a build on probation commits its batches together, as
+/// the last one) — or carries no metadata at all (brokers that do not keep it, such as Tansu;
+/// the offset alone then decides).
 pub fn reconcile(
-    plan: PendingBatch,
+    plans: Vec<PendingBatch>,
     starts: &BTreeMap<TopicPartition, (i64, Option<Committed>)>,
     stateful: bool,
 ) -> VecDeque<Replay> {
-    let (mut silent, mut full) = (Vec::new(), Vec::new());
-    for range in plan.ranges {
-        let Some((start, committed)) = starts.get(&range.partition) else {
-            tracing::info!("{}: the interrupted batch's range {range} belongs to another member now", range.partition);
-            continue;
-        };
-        let ours = committed.as_ref().and_then(|c| c.metadata.as_ref()).is_some_and(|m| m.batch == plan.batch_time);
-        match *start {
-            start if start == range.from => full.push(range),
-            start if start > range.from && start <= range.until && ours => {
-                if stateful {
-                    silent.push(OffsetRange { partition: range.partition.clone(), from: range.from, until: start });
-                }
-                if start < range.until {
-                    full.push(OffsetRange { partition: range.partition, from: start, until: range.until });
-                }
-            }
-            start => tracing::info!(
-                "{}: the interrupted batch's range {range} no longer applies (the partition continues at {start})",
-                range.partition
-            ),
-        }
-    }
     let mut replays = VecDeque::new();
-    if !silent.is_empty() {
-        replays.push_back(Replay { batch_time: plan.batch_time, ranges: silent, deliver: false });
-    }
-    if !full.is_empty() {
-        replays.push_back(Replay { batch_time: plan.batch_time, ranges: full, deliver: true });
+    let last = plans.last().map_or(i64::MIN, |plan| plan.batch_time);
+    for plan in plans {
+        let (mut silent, mut full) = (Vec::new(), Vec::new());
+        for range in plan.ranges {
+            let Some((start, committed)) = starts.get(&range.partition) else {
+                tracing::info!(
+                    "{}: the interrupted batch's range {range} belongs to another member now",
+                    range.partition
+                );
+                continue;
+            };
+            let metadata = committed.as_ref().and_then(|c| c.metadata.as_ref());
+            let held = metadata.is_none_or(|m| (plan.batch_time..=last).contains(&m.batch));
+            match *start {
+                start if start <= range.from => full.push(range),
+                start if held => {
+                    let committed_to = start.min(range.until);
+                    if stateful {
+                        silent.push(OffsetRange {
+                            partition: range.partition.clone(),
+                            from: range.from,
+                            until: committed_to,
+                        });
+                    }
+                    if committed_to < range.until {
+                        full.push(OffsetRange { partition: range.partition, from: committed_to, until: range.until });
+                    }
+                }
+                start => tracing::info!(
+                    "{}: the interrupted batch's range {range} no longer applies (the partition continues at {start})",
+                    range.partition
+                ),
+            }
+        }
+        let (batch_time, build) = (plan.batch_time, plan.build);
+        if !silent.is_empty() {
+            replays.push_back(Replay { batch_time, ranges: silent, deliver: false, build: build.clone() });
+        }
+        if !full.is_empty() {
+            replays.push_back(Replay { batch_time, ranges: full, deliver: true, build });
+        }
     }
     replays
 }
@@ -160,6 +189,7 @@ mod tests {
         let plan = PendingBatch {
             batch_time: 1000,
             ranges: vec![range(0, 0, 10), range(1, 5, 9), range(2, 3, 7), range(3, 0, 4)],
+            build: Some("b1".into()),
         };
         let starts = BTreeMap::from([
             // Not committed anywhere: replay in full.
@@ -171,26 +201,63 @@ mod tests {
             // Moved on by another member: not ours to replay.
             (TopicPartition::new("in", 3), (12, committed(12, 1500))),
         ]);
-        let replays = reconcile(plan.clone(), &starts, true);
+        let replays = reconcile(vec![plan.clone()], &starts, true);
         assert_eq!(
             replays,
             [
-                Replay { batch_time: 1000, ranges: vec![range(1, 5, 9), range(2, 3, 5)], deliver: false },
-                Replay { batch_time: 1000, ranges: vec![range(0, 0, 10), range(2, 5, 7)], deliver: true },
+                Replay {
+                    batch_time: 1000,
+                    ranges: vec![range(1, 5, 9), range(2, 3, 5)],
+                    deliver: false,
+                    build: Some("b1".into())
+                },
+                Replay {
+                    batch_time: 1000,
+                    ranges: vec![range(0, 0, 10), range(2, 5, 7)],
+                    deliver: true,
+                    build: Some("b1".into())
+                },
             ]
         );
         // A transform has no state to rebuild.
-        let replays = reconcile(plan, &starts, false);
+        let replays = reconcile(vec![plan], &starts, false);
         assert_eq!(
             replays,
-            [Replay { batch_time: 1000, ranges: vec![range(0, 0, 10), range(2, 5, 7)], deliver: true }]
+            [Replay {
+                batch_time: 1000,
+                ranges: vec![range(0, 0, 10), range(2, 5, 7)],
+                deliver: true,
+                build: Some("b1".into())
+            }]
         );
     }
 
     #[test]
-    fn a_group_at_the_plans_end_by_another_batch_is_not_this_plan() {
-        let plan = PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)] };
-        let starts = BTreeMap::from([(TopicPartition::new("in", 0), (10, committed(10, 1200)))]);
-        assert!(reconcile(plan, &starts, true).is_empty());
+    fn a_group_past_the_plan_by_an_older_batch_is_another_members() {
+        let plan = PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: None };
+        let starts = BTreeMap::from([(TopicPartition::new("in", 0), (12, committed(12, 900)))]);
+        assert!(reconcile(vec![plan], &starts, true).is_empty());
+    }
+
+    #[test]
+    fn held_probation_batches_are_replayed_in_order() {
+        let plans = vec![
+            PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: Some("new".into()) },
+            PendingBatch { batch_time: 1100, ranges: vec![range(0, 10, 15)], build: Some("new".into()) },
+        ];
+        // Neither committed: both again, in full, in order.
+        let none = BTreeMap::from([(TopicPartition::new("in", 0), (0, committed(0, 900)))]);
+        let replays: Vec<(i64, bool)> =
+            reconcile(plans.clone(), &none, true).iter().map(|r| (r.batch_time, r.deliver)).collect();
+        assert_eq!(replays, [(1000, true), (1100, true)]);
+        // Both committed to the group by the later one: both rebuild state only.
+        let both = BTreeMap::from([(TopicPartition::new("in", 0), (15, committed(15, 1100)))]);
+        let replays: Vec<(i64, bool)> =
+            reconcile(plans.clone(), &both, true).iter().map(|r| (r.batch_time, r.deliver)).collect();
+        assert_eq!(replays, [(1000, false), (1100, false)]);
+        // A broker that keeps no commit metadata: the offset decides.
+        let bare =
+            BTreeMap::from([(TopicPartition::new("in", 0), (15, Some(Committed { offset: 15, metadata: None })))]);
+        assert_eq!(reconcile(plans, &bare, true).len(), 2);
     }
 }

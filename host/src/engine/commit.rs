@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use crate::checkpoint::{BatchCommit, Checkpoint};
 use crate::failpoint;
 use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::PluginIdentity;
@@ -54,9 +53,4 @@ pub fn commit_group(
         }
         Err(CommitError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
     }
-}
-
-/// Commits the batch to the checkpoint: after this it is done for good.
-pub fn commit_checkpoint(checkpoint: &Checkpoint, batch: &BatchCommit<'_>) -> Result<()> {
-    checkpoint.commit(batch)
 }

@@ -6,8 +6,8 @@
 
 use anyhow::{Context as _, Result, bail};
 
-use super::failure::{Provenance, by_policy, output_dead_letter, without_value};
-use crate::config::{FailurePolicy, JobConfig};
+use super::failure::{OnFailure, Provenance, by_policy, output_dead_letter, without_value};
+use crate::config::JobConfig;
 use crate::runtime::{OutputRecord, PluginIdentity};
 use crate::sinks::{DeadLetter, KafkaSink, PrintSink, RejectedRow, Undelivered};
 
@@ -49,7 +49,7 @@ pub struct Delivery<'a> {
     pub plugin: &'a PluginIdentity,
     pub batch_time: i64,
     /// The policy for undeliverable outputs (a new version on probation halts, to roll back).
-    pub policy: FailurePolicy,
+    pub policy: OnFailure,
 }
 
 impl Delivery<'_> {

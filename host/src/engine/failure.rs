@@ -39,10 +39,27 @@ pub const UNDELIVERABLE: &str = "undeliverable";
 /// host rather than by the plugin).
 pub const UNREADABLE: &str = "unreadable";
 
+/// How a failure is handled: by the job's `--on-failure` policy or, while a new build is on
+/// probation, by rolling the build back (no retries, no dead letters: the old build runs the
+/// batch again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    Policy(FailurePolicy),
+    RollBack,
+}
+
+/// Why the batch stops, for the error that stops it.
+fn stopping(on_failure: OnFailure) -> &'static str {
+    match on_failure {
+        OnFailure::RollBack => "the new build on probation fails the batch and is rolled back",
+        _ => "halting (--on-failure halt): nothing past the last good batch is committed",
+    }
+}
+
 /// The job's failure settings.
 pub struct FailureHandling<'a> {
     pub runtime: &'a PluginRuntime,
-    pub policy: FailurePolicy,
+    pub policy: OnFailure,
     pub retries: u32,
     pub dead_letter_topic: Option<&'a str>,
     /// Poison records isolated one by one in a task, at most; past that, a failing part of
@@ -101,10 +118,10 @@ impl FailureHandling<'_> {
         }
         let retried = format!("after {} retries", self.retries);
         match self.policy {
-            FailurePolicy::Halt => Err(anyhow::Error::new(error)).context(format!(
-                "{retried}; halting (--on-failure halt): nothing past the last good batch is committed"
-            )),
-            FailurePolicy::Skip => {
+            OnFailure::Policy(FailurePolicy::Halt) | OnFailure::RollBack => {
+                Err(anyhow::Error::new(error)).context(format!("{retried}; {}", stopping(self.policy)))
+            }
+            OnFailure::Policy(FailurePolicy::Skip) => {
                 tracing::warn!(
                     "skipping {} records of {} {retried} (--on-failure skip): {}",
                     task.records.len(),
@@ -113,7 +130,7 @@ impl FailureHandling<'_> {
                 );
                 Ok(Recovered { skipped: task.records.len(), ..Recovered::default() })
             }
-            FailurePolicy::DeadLetter => {
+            OnFailure::Policy(FailurePolicy::DeadLetter) => {
                 let mut recovered = Recovered::default();
                 self.isolate(&task.context, &task.records, error, &mut recovered)?;
                 tracing::warn!(
@@ -251,19 +268,17 @@ pub fn without_value(mut letter: DeadLetter, reason: &str) -> DeadLetter {
 
 /// How a record that failed is handled under `policy`; `Ok(None)` means skipped and counted.
 pub fn by_policy(
-    policy: FailurePolicy,
+    policy: OnFailure,
     what: impl FnOnce() -> String,
     dead_letter: impl FnOnce() -> Option<DeadLetter>,
 ) -> Result<Option<DeadLetter>> {
     match policy {
-        FailurePolicy::Halt => {
-            bail!("{}; halting (--on-failure halt): nothing past the last good batch is committed", what())
-        }
-        FailurePolicy::Skip => {
+        OnFailure::Policy(FailurePolicy::Halt) | OnFailure::RollBack => bail!("{}; {}", what(), stopping(policy)),
+        OnFailure::Policy(FailurePolicy::Skip) => {
             tracing::warn!("{} (--on-failure skip)", what());
             Ok(None)
         }
-        FailurePolicy::DeadLetter => match dead_letter() {
+        OnFailure::Policy(FailurePolicy::DeadLetter) => match dead_letter() {
             Some(letter) => Ok(Some(letter)),
             None => bail!("{}; no --dead-letter-topic to send it to", what()),
         },

@@ -17,6 +17,8 @@ mod upgrade;
 mod window;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,22 +27,23 @@ use anyhow::{Context as _, Result, bail};
 
 pub use rate::RateController;
 pub use shutdown::Shutdown;
-pub use upgrade::{PROBATION_BATCHES, UpgradeOutcome, UpgradeRequest};
+pub use upgrade::PROBATION_BATCHES;
 
 use crate::admin::AdminServer;
-use crate::checkpoint::{BatchChanges, BatchCommit, Checkpoint, PendingBatch, PluginRun, Resume};
-use crate::config::{FailurePolicy, JobConfig, PostgresMode};
-use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
-use crate::runtime::{
-    BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginInstance, PluginKind, PluginRuntime,
+use crate::checkpoint::{
+    BatchChanges, BatchCommit, Builds, Checkpoint, HeldChanges, PendingBatch, PluginRun, Resume, StateView,
 };
+use crate::config::{JobConfig, PostgresMode};
+use crate::control::{Status, UpgradeOutcome};
+use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
+use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks};
 use crate::source::{Committed, KafkaSource, Lost, Unreadable, join};
 use crate::{failpoint, panics};
 use assignment::{Positions, Replay, reconcile};
 use commit::GroupCommit;
 use delivery::{Delivered, Delivery, Provenances};
-use failure::{FailureHandling, Provenance, UNREADABLE, record_dead_letter};
+use failure::{FailureHandling, OnFailure, Provenance, UNREADABLE, record_dead_letter};
 use parallel::run_each;
 
 /// A job being run: its plugin, its source and its sinks.
@@ -61,37 +64,11 @@ pub struct Engine {
     /// Batches to finish before planning new ones: (the rest of) a plan an earlier run did not
     /// commit, or a replayed batch that runs in pieces because it is larger than the bounds.
     replays: VecDeque<Replay>,
-    /// The plan the last run left, until the first assignment says which of it is still ours.
-    interrupted: Option<PendingBatch>,
+    /// The plans the last run left, until the first assignment says which of them is still ours.
+    interrupted: Vec<PendingBatch>,
     /// A batch was abandoned (fenced): the next boundary moves every partition back to where
     /// the group (or the database) says it continues.
     reposition: bool,
-}
-
-/// What a running job reports on its admin endpoint.
-#[derive(Debug, Clone)]
-pub struct Status {
-    pub plugin: PluginIdentity,
-    pub kind: PluginKind,
-    pub last_batch: Option<i64>,
-    /// Records between the last batch's ends and the high watermarks it saw.
-    pub lag: Option<i64>,
-}
-
-impl Status {
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "plugin": {
-                "name": self.plugin.info.name,
-                "version": self.plugin.info.version,
-                "state_schema_version": self.plugin.info.state_schema_version,
-                "digest": self.plugin.digest,
-                "kind": self.kind.to_string(),
-            },
-            "last_batch": self.last_batch,
-            "lag": self.lag,
-        })
-    }
 }
 
 /// The engine's side of hot upgrades.
@@ -104,15 +81,39 @@ struct Upgrades {
     admin: Option<AdminServer>,
     /// The validator thread; it holds the checkpoint, so the engine waits for it on drop.
     validator: Option<std::thread::JoinHandle<()>>,
+    /// Tells the validator the job is stopping.
+    stop: Arc<AtomicBool>,
 }
 
+/// How long a stopping job waits for a validation in progress (compiling a large component).
+const VALIDATOR_GRACE: Duration = Duration::from_secs(3);
+
 impl Drop for Upgrades {
+    /// Answers every upgrade still waiting — handed over, on probation, being validated or
+    /// just asked for — with "job stopping", so a stop never waits on an outcome that cannot
+    /// come. A build on probation committed nothing: the next start replays its batches with
+    /// the build the checkpoint names as active.
     fn drop(&mut self) {
-        // Stopping the endpoint closes the request channel, which ends the validator, which
-        // releases the checkpoint: a job started right after this one can open it.
+        self.stop.store(true, Ordering::Relaxed);
+        while let Ok(candidate) = self.candidates.try_recv() {
+            let _ = candidate.reply.send(UpgradeOutcome::job_stopping());
+        }
+        if let Some(probation) = self.probation.take() {
+            let _ = probation.reply.send(UpgradeOutcome::job_stopping());
+        }
         drop(self.admin.take());
         if let Some(validator) = self.validator.take() {
-            let _ = validator.join();
+            // The validator releases the checkpoint when it ends, so a job started right after
+            // this one (in the same process) can open it; a compile is not interrupted, though.
+            let deadline = Instant::now() + VALIDATOR_GRACE;
+            while !validator.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if validator.is_finished() {
+                let _ = validator.join();
+            } else {
+                tracing::warn!("not waiting for the upgrade validator: it is still validating a candidate");
+            }
         }
     }
 }
@@ -120,6 +121,8 @@ impl Drop for Upgrades {
 /// The checkpoint and what the engine learned from it at start.
 struct JobCheckpoint {
     store: Arc<Checkpoint>,
+    /// Every build that processed batches, by digest.
+    builds: Builds,
     state_partitions: u32,
     /// The last committed batch's time; later batches get later times.
     last_batch: Option<i64>,
@@ -188,9 +191,23 @@ pub struct BatchReport {
     pub rate: Option<f64>,
     /// Whether this ran a plan an earlier run did not commit (or the rest of one).
     pub replayed: bool,
-    /// Whether the batch was abandoned uncommitted because the group gave its partitions to
-    /// another member (they are replayed by their new owner).
-    pub fenced: bool,
+    pub ending: Ending,
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Committed: done for good.
+    Committed,
+    /// Run by a new build on probation: delivered, and held uncommitted until the probation
+    /// batches commit together.
+    Held,
+    /// Abandoned uncommitted because the group gave its partitions to another member (they
+    /// are replayed by their new owner).
+    Fenced,
+    /// Failed by a new build on probation: the build was rolled back, and the old one
+    /// processes this batch (and the held ones) again.
+    RolledBack,
 }
 
 /// The steps of one batch and how long each took; together they make up its processing time.
@@ -209,8 +226,14 @@ pub struct BatchPhases {
 }
 
 impl BatchReport {
-    /// A batch given up before processing because the group took its partitions away.
-    fn abandoned(batch_time: i64, ranges: Vec<OffsetRange>, scheduling_delay: Duration, took: Duration) -> BatchReport {
+    /// A batch given up uncommitted (`ending`), with nothing delivered that counts.
+    fn abandoned(
+        batch_time: i64,
+        ranges: Vec<OffsetRange>,
+        scheduling_delay: Duration,
+        took: Duration,
+        ending: Ending,
+    ) -> BatchReport {
         BatchReport {
             batch_time,
             ranges,
@@ -224,7 +247,7 @@ impl BatchReport {
             caught_up: false,
             rate: None,
             replayed: false,
-            fenced: true,
+            ending,
         }
     }
 
@@ -258,24 +281,30 @@ struct Work {
     /// `false`: a replay whose outputs Kafka already holds (state is rebuilt, nothing sent).
     deliver: bool,
     replayed: bool,
+    /// The build a replay was planned with.
+    build: Option<String>,
     caught_up: bool,
     rate: Option<f64>,
 }
 
 impl Engine {
-    /// Loads and initialises the plugin, opens the checkpoint and the database, then joins the
-    /// consumer group and starts the partitions it assigns. The plugin comes first so that a
-    /// bad plugin or plugin configuration is refused before the job touches Kafka.
+    /// Opens the checkpoint, loads and initialises the plugin, opens the database, then joins
+    /// the consumer group and starts the partitions it assigns. A bad checkpoint, plugin,
+    /// plugin configuration or database is refused before the job touches Kafka.
     pub fn start(job: JobConfig) -> Result<Engine> {
         panics::install();
-        let (plugin, mut first_instance) =
-            PluginRuntime::load(&job.plugin, job.plugin_config.clone(), job.sandbox.clone())?;
+        // The checkpoint comes first: it names the build to run when `--plugin` is left out,
+        // and the builds older than the one it runs.
+        let opened = match &job.checkpoint {
+            Some(dir) => Some(OpenedCheckpoint::open(dir, &job)?),
+            None => None,
+        };
+        let (plugin, mut first_instance, bytes) = load_plugin(&job, opened.as_ref())?;
         tracing::info!("loaded {} plugin {}", plugin.kind(), plugin.identity());
         check_job_fits_plugin(&job, &plugin)?;
-        // The checkpoint and the database are opened (and bad ones refused) before Kafka is touched.
-        let (checkpoint, resume) = match &job.checkpoint {
-            Some(dir) => {
-                let (checkpoint, resume) = open_checkpoint(dir, &job, &plugin, &mut first_instance)?;
+        let (checkpoint, resume) = match opened {
+            Some(opened) => {
+                let (checkpoint, resume) = opened.continue_with(&job, &plugin, &mut first_instance, &bytes)?;
                 (Some(checkpoint), resume)
             }
             None => (None, Resume::default()),
@@ -525,9 +554,12 @@ impl Engine {
         if started.is_empty() {
             return; // kept until partitions are assigned
         }
-        let Some(plan) = self.interrupted.take() else { return };
+        let plans = std::mem::take(&mut self.interrupted);
+        if plans.is_empty() {
+            return;
+        }
         let stateful = self.plugin.kind() != PluginKind::Transform;
-        self.replays = reconcile(plan, started, stateful);
+        self.replays = reconcile(plans, started, stateful);
         for replay in &self.replays {
             let how = if replay.deliver { "" } else { " to rebuild its state (its outputs are in Kafka already)" };
             tracing::info!(
@@ -561,7 +593,7 @@ impl Engine {
         }
         self.interrupted = match &self.checkpoint {
             Some(checkpoint) => checkpoint.store.resume()?.pending,
-            None => None,
+            None => Vec::new(),
         };
         self.reconcile_interrupted(&started);
         Ok(())
@@ -569,9 +601,13 @@ impl Engine {
 
     /// Gives up the batch in flight without committing it: the group moved its partitions
     /// (or some of them) elsewhere. The next boundary moves every partition to where its
-    /// owner of record says it continues.
+    /// owner of record says it continues. A build on probation is rolled back: its held
+    /// batches cannot commit any more.
     fn abandon(&mut self, batch_time: i64, reason: &str) {
         tracing::warn!("batch {batch_time} ms abandoned uncommitted: {reason}");
+        if self.on_probation() {
+            self.roll_back(batch_time, reason, None);
+        }
         self.replays.clear();
         self.reposition = true;
     }
@@ -586,6 +622,10 @@ impl Engine {
             // leave) at this boundary.
             self.source.refresh_topics().with_context(|| format!("batch {batch_time} ms"))?;
             if self.source.rebalance_pending()? {
+                if self.on_probation() {
+                    // Held batches of partitions that may move cannot wait for probation.
+                    self.roll_back(batch_time, "the consumer group rebalanced during probation", None);
+                }
                 self.rebalance().with_context(|| format!("batch {batch_time} ms"))?;
                 self.ensure_workers()?;
             }
@@ -593,7 +633,9 @@ impl Engine {
                 self.reposition().with_context(|| format!("batch {batch_time} ms"))?;
             }
         }
-        self.switch_to_candidate(batch_time)?;
+        if self.replays.is_empty() {
+            self.switch_to_candidate(batch_time)?;
+        }
         let work = match self.replays.pop_front() {
             Some(replay) => {
                 for range in &replay.ranges {
@@ -604,12 +646,41 @@ impl Engine {
                     ranges: replay.ranges,
                     deliver: replay.deliver,
                     replayed: true,
+                    build: replay.build,
                     caught_up: false,
                     rate: None,
                 }
             }
             None => self.plan(batch_time)?,
         };
+        // A replay that only rebuilds state runs the build whose outputs Kafka holds.
+        let borrowed = match &work.build {
+            Some(build) if !work.deliver && *build != self.plugin.identity().digest => Some(self.borrow_build(build)?),
+            _ => None,
+        };
+        let report = self.run_work(work, started);
+        if let Some(own) = borrowed {
+            (self.plugin, self.instances) = own;
+        }
+        report
+    }
+
+    /// Runs a replay with `build` (from the checkpoint's build store) in place of the job's
+    /// own; returns the job's own, to put back.
+    fn borrow_build(&mut self, build: &str) -> Result<(PluginRuntime, Vec<PluginInstance>)> {
+        let builds = &self.checkpoint.as_ref().context("a replay without a checkpoint")?.builds;
+        let path = builds.path(build);
+        let (runtime, instance) = PluginRuntime::load(&path, self.job.plugin_config.clone(), self.job.sandbox.clone())
+            .with_context(|| format!("cannot load build {build}, which the replayed batch was planned with"))?;
+        tracing::info!("replaying with {}, the build the batch ran with", runtime.identity());
+        let plugin = std::mem::replace(&mut self.plugin, runtime);
+        let instances = std::mem::replace(&mut self.instances, vec![instance]);
+        self.ensure_workers()?;
+        Ok((plugin, instances))
+    }
+
+    /// The batch `work`, from fetching its records to its commit.
+    fn run_work(&mut self, work: Work, started: Instant) -> Result<BatchReport> {
         let scheduling_delay = Duration::from_millis((now_ms() - work.batch_time).max(0) as u64);
         let batch_time = work.batch_time;
         let planned_at = started.elapsed();
@@ -618,7 +689,8 @@ impl Engine {
             Ok(fetched) => fetched,
             Err(error) if error.is::<Lost>() => {
                 self.abandon(batch_time, &error.to_string());
-                return Ok(BatchReport::abandoned(batch_time, work.ranges, scheduling_delay, started.elapsed()));
+                let took = started.elapsed();
+                return Ok(BatchReport::abandoned(batch_time, work.ranges, scheduling_delay, took, Ending::Fenced));
             }
             Err(error) => return Err(error.context(format!("batch {batch_time} ms"))),
         };
@@ -637,19 +709,30 @@ impl Engine {
             .filter(|(range, end)| **end < range.until)
             .map(|(range, &end)| OffsetRange { partition: range.partition.clone(), from: end, until: range.until })
             .collect();
-        let remainder = (work.replayed && !rest.is_empty()).then(|| PendingBatch { batch_time, ranges: rest.clone() });
-        if let Some(remainder) = &remainder {
+        let final_piece = !work.replayed || rest.is_empty();
+        if !final_piece {
             tracing::info!(
                 "batch {batch_time} ms is larger than the batch bounds; the rest runs next: {}",
-                describe_ranges(&remainder.ranges)
+                describe_ranges(&rest)
             );
-            self.replays.push_front(Replay { batch_time, ranges: rest, deliver: work.deliver });
+            self.replays.push_front(Replay {
+                batch_time,
+                ranges: rest,
+                deliver: work.deliver,
+                build: work.build.clone(),
+            });
         }
+        let plan =
+            PendingBatch { batch_time, ranges: ranges.clone(), build: Some(self.plugin.identity().digest.clone()) };
         if let Some(checkpoint) = &self.checkpoint
             && !work.replayed
         {
-            // The plan is what the batch took, so a replay after a crash takes exactly that.
-            checkpoint.store.begin_batch(&PendingBatch { batch_time, ranges: ranges.clone() })?;
+            // The plan is what the batch took, so a replay after a crash takes exactly that;
+            // it follows the batches a build on probation holds.
+            let mut pending: Vec<PendingBatch> =
+                self.probation().map(|probation| probation.held_plans.clone()).unwrap_or_default();
+            pending.push(plan.clone());
+            checkpoint.store.begin_batch(&pending)?;
         }
         failpoint::reached("fetch");
         let fetched_at = started.elapsed();
@@ -681,88 +764,37 @@ impl Engine {
             })
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len() + task.unreadable.len()).sum();
-        let final_piece = remainder.is_none();
+        let rolled_back = |engine: &mut Engine, error: anyhow::Error| {
+            engine.roll_back(batch_time, &format!("{error:#}"), Some(plan.clone()));
+            let took = started.elapsed();
+            BatchReport::abandoned(batch_time, ranges.clone(), scheduling_delay, took, Ending::RolledBack)
+        };
+        // A new version on probation gets no failure policy: any failure rolls it back.
         let processed = match self.process(batch_time, &tasks, final_piece) {
-            Ok(processed) => {
-                if records_in > 0 {
-                    self.probation_passed(batch_time);
-                }
-                processed
-            }
-            Err(error) if self.on_probation() => {
-                self.roll_back(batch_time, &error)?;
-                self.process(batch_time, &tasks, final_piece)?
-            }
+            Ok(processed) => processed,
+            Err(error) if self.on_probation() => return Ok(rolled_back(self, error)),
             Err(error) => return Err(error),
         };
         let Processed { outputs, provenance, dead_letters, rejected, skipped, changes } = processed;
         failpoint::reached("plugin");
         let processed_at = started.elapsed();
 
-        let policy = if self.on_probation() { FailurePolicy::Halt } else { self.job.failure.policy };
         let mut delivered = Delivered::default();
         let mut fenced = false;
         if work.deliver {
-            let mut delivery = Delivery {
-                kafka: &mut self.sinks.kafka,
-                print: self.sinks.print.as_mut(),
-                job: &self.job,
-                plugin: self.plugin.identity(),
-                batch_time,
-                policy,
-            };
-            delivered = delivery
-                .deliver(&outputs, &provenance, dead_letters)
-                .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
-            failpoint::reached("deliver");
-            match self.write_rows(batch_time, &outputs, &provenance, &ranges, policy)? {
-                Ok(rows) => {
-                    delivered.dead_letters += rows.dead_letters;
-                    delivered.skipped += rows.skipped;
-                }
-                Err(conflict) => {
+            match self.deliver(batch_time, &outputs, &provenance, dead_letters, &ranges) {
+                Ok(Ok(done)) => delivered = done,
+                Ok(Err(conflict)) => {
                     self.abandon(batch_time, &conflict);
                     fenced = true;
                 }
+                Err(error) if self.on_probation() => return Ok(rolled_back(self, error)),
+                Err(error) => return Err(error),
             }
-            failpoint::reached("database");
         }
         let delivered_at = started.elapsed();
 
-        if work.deliver && !fenced {
-            let group = commit::commit_group(
-                &mut self.source,
-                &ranges,
-                batch_time,
-                &self.job.instance_id,
-                self.plugin.identity(),
-                &self.positions.applied_starts,
-            )?;
-            if let GroupCommit::Fenced(reason) = group {
-                self.abandon(batch_time, &reason);
-                fenced = true;
-            }
-        }
-        if !fenced {
-            if let Some(checkpoint) = &mut self.checkpoint {
-                let commit = BatchCommit {
-                    batch_time,
-                    ranges: &ranges,
-                    changes: &changes,
-                    plugin: self.plugin.identity(),
-                    config: self.plugin.config(),
-                    member: &self.job.instance_id,
-                    applied_starts: &self.positions.newly_applied,
-                    remainder: remainder.as_ref(),
-                };
-                commit::commit_checkpoint(&checkpoint.store, &commit)?;
-                checkpoint.last_batch = Some(batch_time);
-            }
-            self.positions.newly_applied.clear();
-            for range in &ranges {
-                self.positions.checkpoint.insert(range.partition.clone(), range.until);
-            }
-        }
+        let ending = if fenced { Ending::Fenced } else { self.commit(&work, plan, changes, records_in > 0)? };
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
         }
@@ -784,11 +816,127 @@ impl Engine {
             skipped: skipped + delivered.skipped,
             scheduling_delay,
             phases,
-            caught_up: work.caught_up && remainder.is_none() && !fenced,
+            caught_up: work.caught_up && final_piece && ending == Ending::Committed,
             rate: work.rate,
             replayed: work.replayed,
-            fenced,
+            ending,
         })
+    }
+
+    /// Delivers the batch's outputs and dead letters to Kafka (and the screen), then its table
+    /// rows. `Ok(Err(why))`: another writer moved the database's offsets (the batch is
+    /// abandoned, like a fenced one).
+    fn deliver(
+        &mut self,
+        batch_time: i64,
+        outputs: &[OutputRecord],
+        provenance: &Provenances,
+        dead_letters: Vec<DeadLetter>,
+        ranges: &[OffsetRange],
+    ) -> Result<Result<Delivered, String>> {
+        let policy = self.on_failure();
+        let mut delivery = Delivery {
+            kafka: &mut self.sinks.kafka,
+            print: self.sinks.print.as_mut(),
+            job: &self.job,
+            plugin: self.plugin.identity(),
+            batch_time,
+            policy,
+        };
+        let mut delivered = delivery
+            .deliver(outputs, provenance, dead_letters)
+            .with_context(|| format!("batch {batch_time} ms: cannot deliver outputs"))?;
+        failpoint::reached("deliver");
+        let rows = self.write_rows(batch_time, outputs, provenance, ranges, policy)?;
+        failpoint::reached("database");
+        Ok(rows.map(|rows| {
+            delivered.dead_letters += rows.dead_letters;
+            delivered.skipped += rows.skipped;
+            delivered
+        }))
+    }
+
+    /// The commit step of a delivered batch: the consumer group first, the checkpoint second
+    /// (see [`commit`]). A batch of a build on probation is held instead, until the build's
+    /// last probation batch commits them all.
+    fn commit(&mut self, work: &Work, plan: PendingBatch, changes: BatchChanges, had_records: bool) -> Result<Ending> {
+        let batch_time = plan.batch_time;
+        if let Some(probation) = self.probation_mut() {
+            if had_records {
+                probation.first_batch.get_or_insert(batch_time);
+                probation.batches_left -= 1;
+            }
+            if probation.batches_left > 0 {
+                // A batch that read nothing and changed nothing has nothing to hold.
+                if plan.ranges.iter().any(|range| range.until > range.from) || !changes.is_empty() {
+                    let schema = self.plugin.identity().info.state_schema_version;
+                    let probation = self.probation_mut().expect("on probation");
+                    probation.held_plans.push(plan);
+                    probation.held.push(HeldChanges { batch_time, schema, changes });
+                }
+                return Ok(Ending::Held);
+            }
+        }
+        // The group's offsets move to the ends of every batch committing now.
+        let group_ranges = match self.probation() {
+            Some(probation) => probation.ends(&plan.ranges),
+            None => plan.ranges.clone(),
+        };
+        if work.deliver {
+            let group = commit::commit_group(
+                &mut self.source,
+                &group_ranges,
+                batch_time,
+                &self.job.instance_id,
+                self.plugin.identity(),
+                &self.positions.applied_starts,
+            )?;
+            if let GroupCommit::Fenced(reason) = group {
+                self.abandon(batch_time, &reason);
+                return Ok(Ending::Fenced);
+            }
+        }
+        let probation = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.take());
+        if let Some(checkpoint) = &mut self.checkpoint {
+            let (plugin, config, member) =
+                (self.plugin.identity(), self.plugin.config(), self.job.instance_id.as_str());
+            let mut batches: Vec<BatchCommit<'_>> = Vec::new();
+            if let Some(probation) = &probation {
+                for (plan, held) in probation.held_plans.iter().zip(&probation.held) {
+                    let (batch_time, ranges, changes) = (plan.batch_time, plan.ranges.as_slice(), &held.changes);
+                    batches.push(BatchCommit {
+                        batch_time,
+                        ranges,
+                        changes,
+                        plugin,
+                        config,
+                        member,
+                        applied_starts: &[],
+                    });
+                }
+            }
+            batches.push(BatchCommit {
+                batch_time,
+                ranges: &plan.ranges,
+                changes: &changes,
+                plugin,
+                config,
+                member,
+                applied_starts: &self.positions.newly_applied,
+            });
+            // What is left to run stays planned: the rest of a batch that runs in pieces.
+            let pending: Vec<PendingBatch> = self.replays.iter().map(Replay::plan).collect();
+            checkpoint.store.commit(&batches, &pending)?;
+            checkpoint.last_batch = Some(batch_time);
+        }
+        self.positions.newly_applied.clear();
+        for range in &group_ranges {
+            self.positions.checkpoint.insert(range.partition.clone(), range.until);
+        }
+        if let Some(probation) = probation {
+            self.probation_passed(probation);
+        }
+        Ok(Ending::Committed)
     }
 
     /// Plans a new batch: ranges up to the high watermarks, within the rate limits and the
@@ -817,6 +965,7 @@ impl Engine {
             ranges: planned.into_iter().map(|p| p.range).collect(),
             deliver: true,
             replayed: false,
+            build: None,
             caught_up,
             rate,
         })
@@ -832,7 +981,7 @@ impl Engine {
         outputs: &[OutputRecord],
         provenance: &Provenances,
         ranges: &[OffsetRange],
-        policy: FailurePolicy,
+        policy: OnFailure,
     ) -> Result<Result<Delivered, String>> {
         let Some(postgres) = &mut self.sinks.postgres else { return Ok(Ok(Delivered::default())) };
         let indices: Vec<usize> = (0..outputs.len()).filter(|&index| outputs[index].topic.is_none()).collect();
@@ -858,84 +1007,10 @@ impl Engine {
         }
     }
 
-    /// Whether a new version is running its first batches.
-    fn on_probation(&self) -> bool {
-        self.upgrades.as_ref().is_some_and(|upgrades| upgrades.probation.is_some())
-    }
-
-    /// Switches to a validated new version, if one is waiting: the batch boundary is now.
-    fn switch_to_candidate(&mut self, batch_time: i64) -> Result<()> {
-        let Some(upgrades) = &mut self.upgrades else { return Ok(()) };
-        if upgrades.probation.is_some() {
-            return Ok(());
-        }
-        let Ok(mut candidate) = upgrades.candidates.try_recv() else { return Ok(()) };
-        tracing::info!(
-            "batch {batch_time} ms: switching from {} to {}",
-            self.plugin.identity(),
-            candidate.runtime.identity()
-        );
-        if let Some(checkpoint) = &mut self.checkpoint
-            && candidate.runtime.kind() == PluginKind::Windowed
-        {
-            checkpoint.invertible = candidate.instance.inverse_reduce(&[]).is_ok_and(|inverse| inverse.is_some());
-        }
-        let previous_runtime = std::mem::replace(&mut self.plugin, candidate.runtime);
-        let previous_instances = std::mem::replace(&mut self.instances, vec![candidate.instance]);
-        upgrades.probation = Some(upgrade::Probation {
-            previous_runtime,
-            previous_instances,
-            batches_left: PROBATION_BATCHES,
-            first_batch: None,
-            reply: candidate.reply,
-        });
-        self.set_status_plugin();
-        if let Err(error) = self.ensure_workers() {
-            self.roll_back(batch_time, &error)?;
-        }
-        Ok(())
-    }
-
-    /// Counts a batch with records the new version processed (an empty batch proves nothing);
-    /// after enough, the upgrade is done.
-    fn probation_passed(&mut self, batch_time: i64) {
-        let Some(upgrades) = &mut self.upgrades else { return };
-        let Some(probation) = &mut upgrades.probation else { return };
-        let first_batch = *probation.first_batch.get_or_insert(batch_time);
-        probation.batches_left -= 1;
-        if probation.batches_left == 0 {
-            let probation = upgrades.probation.take().expect("on probation");
-            let (from, to) = (probation.previous_runtime.identity().to_string(), self.plugin.identity().to_string());
-            tracing::info!("upgrade from {from} to {to} done: its first {PROBATION_BATCHES} batches succeeded");
-            let _ = probation.reply.send(UpgradeOutcome::Upgraded { from, to, first_batch });
-        }
-    }
-
-    /// Returns to the version the failed new one replaced; the caller re-runs the batch.
-    fn roll_back(&mut self, batch_time: i64, error: &anyhow::Error) -> Result<()> {
-        let upgrades = self.upgrades.as_mut().context("no upgrade to roll back")?;
-        let probation = upgrades.probation.take().context("no upgrade to roll back")?;
-        let failed = std::mem::replace(&mut self.plugin, probation.previous_runtime);
-        self.instances = probation.previous_instances;
-        let (from, to, reason) =
-            (self.plugin.identity().to_string(), failed.identity().to_string(), format!("{error:#}"));
-        tracing::warn!("batch {batch_time} ms: rolling back from {to} to {from}: {reason}");
-        let _ = probation.reply.send(UpgradeOutcome::RolledBack { from, to, batch: batch_time, reason });
-        if let Some(checkpoint) = &mut self.checkpoint
-            && self.plugin.kind() == PluginKind::Windowed
-        {
-            checkpoint.invertible = self.instances[0].inverse_reduce(&[]).is_ok_and(|inverse| inverse.is_some());
-        }
-        self.set_status_plugin();
-        Ok(())
-    }
-
-    fn set_status_plugin(&self) {
-        if let Some(upgrades) = &self.upgrades {
-            let mut status = upgrades.status.lock().expect("not poisoned");
-            status.plugin = self.plugin.identity().clone();
-            status.kind = self.plugin.kind();
-        }
+    /// How failures are handled now: by the job's policy, or by rolling back a build on
+    /// probation.
+    fn on_failure(&self) -> OnFailure {
+        if self.on_probation() { OnFailure::RollBack } else { OnFailure::Policy(self.job.failure.policy) }
     }
 
     /// Runs the plugin over a batch's partition tasks (and, for stateful and windowed plugins,
@@ -953,7 +1028,7 @@ impl Engine {
         let probation = self.on_probation();
         let failures = FailureHandling {
             runtime: &self.plugin,
-            policy: if probation { FailurePolicy::Halt } else { self.job.failure.policy },
+            policy: self.on_failure(),
             retries: if probation { 0 } else { self.job.failure.retries },
             dead_letter_topic: self.job.failure.dead_letter_topic.as_deref(),
             max_poison: self.job.failure.max_poison,
@@ -1017,11 +1092,14 @@ impl Engine {
         if let Some(checkpoint) = &self.checkpoint {
             // A later piece of a batch folds into what the earlier pieces of its time left.
             let continuing = checkpoint.last_batch == Some(batch_time);
+            // The state as the held batches of a build on probation left it.
+            let held = self.upgrades.as_ref().and_then(|upgrades| upgrades.probation.as_ref());
+            let view = StateView { checkpoint: &checkpoint.store, held: held.map_or(&[], |probation| &probation.held) };
             let keyed = match self.plugin.kind() {
                 PluginKind::Transform => Vec::new(),
                 PluginKind::Stateful => state::StateStep {
                     runtime: &self.plugin,
-                    checkpoint: &checkpoint.store,
+                    state: &view,
                     partitions: checkpoint.state_partitions,
                     timeout_ms: self.job.state_timeout.map(|timeout| timeout.as_millis() as i64),
                     batch_time,
@@ -1031,7 +1109,7 @@ impl Engine {
                     let window = self.job.window.context("a windowed plugin needs --window")?;
                     window::WindowStep {
                         runtime: &self.plugin,
-                        checkpoint: &checkpoint.store,
+                        state: &view,
                         partitions: checkpoint.state_partitions,
                         length_ms: window.length.as_millis() as i64,
                         slide_ms: window.slide.as_millis() as i64,
@@ -1055,17 +1133,22 @@ fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheck
     let status = Arc::new(Mutex::new(Status {
         plugin: plugin.identity().clone(),
         kind: plugin.kind(),
+        member: job.instance_id.clone(),
         last_batch: checkpoint.last_batch,
         lag: None,
+        probation: None,
     }));
     let (requests, incoming) = mpsc::channel();
     let (candidates, ready) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
     let validator = upgrade::Validator {
         job: job.clone(),
         checkpoint: checkpoint.store.clone(),
+        builds: checkpoint.builds.clone(),
         requests: incoming,
         candidates,
-        current: status.clone(),
+        status: status.clone(),
+        stop: stop.clone(),
     };
     let validator = std::thread::Builder::new()
         .name("sluice-upgrades".into())
@@ -1073,7 +1156,7 @@ fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheck
         .context("cannot start the upgrade validator")?;
     let dir = checkpoint.store.path().parent().context("checkpoint file without a directory")?;
     let admin = AdminServer::start(job.admin_address, dir, status.clone(), requests)?;
-    Ok(Upgrades { candidates: ready, probation: None, status, admin: Some(admin), validator: Some(validator) })
+    Ok(Upgrades { candidates: ready, probation: None, status, admin: Some(admin), validator: Some(validator), stop })
 }
 
 /// Refuses option combinations the plugin's kind cannot honour, before anything is opened.
@@ -1125,31 +1208,138 @@ fn check_can_continue(last: &PluginRun, plugin: &PluginRuntime, path: &std::path
     Ok(())
 }
 
-/// Opens the job's checkpoint and checks that this plugin can continue its state. Returns it
-/// with what the checkpoint says about where the job resumes.
-fn open_checkpoint(
-    dir: &std::path::Path,
+/// A job's checkpoint, opened before its plugin is loaded.
+struct OpenedCheckpoint {
+    store: Checkpoint,
+    resume: Resume,
+    builds: Builds,
+}
+
+impl OpenedCheckpoint {
+    fn open(dir: &Path, job: &JobConfig) -> Result<OpenedCheckpoint> {
+        let mut store = Checkpoint::open(dir, job.parallelism as u32)?;
+        store.keep_touched_index(job.state_timeout.is_some())?;
+        let resume = store.resume()?;
+        Ok(OpenedCheckpoint { store, resume, builds: Builds::new(dir) })
+    }
+
+    /// The build the checkpoint ran last, if it keeps it.
+    fn active_build(&self) -> Result<(PathBuf, &PluginRun)> {
+        let dir = self.builds.dir();
+        let last = self.resume.plugin_runs.last().with_context(|| {
+            format!(
+                "no plugin given, and checkpoint {} has not run one yet: pass --plugin PATH",
+                self.store.path().display()
+            )
+        })?;
+        let path = self.builds.path(&last.digest);
+        if !path.exists() {
+            bail!(
+                "no plugin given: checkpoint {} last ran {} {}, whose build is not kept in {} (checkpoints written \
+                 before builds were kept): pass --plugin PATH",
+                self.store.path().display(),
+                last.name,
+                last.version,
+                dir.display()
+            );
+        }
+        Ok((path, last))
+    }
+
+    /// Checks that `plugin` may continue the checkpoint's state and keeps its build. Returns
+    /// the checkpoint with where the job resumes.
+    fn continue_with(
+        self,
+        job: &JobConfig,
+        plugin: &PluginRuntime,
+        instance: &mut PluginInstance,
+        bytes: &[u8],
+    ) -> Result<(JobCheckpoint, Resume)> {
+        let OpenedCheckpoint { store, resume, builds } = self;
+        let info = &plugin.identity().info;
+        if let Some(last) = resume.plugin_runs.last().filter(|_| resume.has_state) {
+            check_can_continue(last, plugin, store.path())?;
+        }
+        check_not_older(&resume.plugin_runs, plugin, store.path(), job.force)?;
+        let invertible = plugin.kind() == PluginKind::Windowed
+            && instance.inverse_reduce(&[]).map_err(|e| anyhow::anyhow!("plugin {}: {e}", info.name))?.is_some();
+        builds.keep(&plugin.identity().digest, bytes)?;
+        let state_partitions = store.state_partitions()?;
+        match resume.last_batch {
+            Some(last) => tracing::info!("resuming from checkpoint {}, last batch {last} ms", store.path().display()),
+            None => tracing::info!("starting a new checkpoint in {}", store.path().display()),
+        }
+        let last_batch = resume.last_batch;
+        let checkpoint = JobCheckpoint { store: Arc::new(store), builds, state_partitions, last_batch, invertible };
+        Ok((checkpoint, resume))
+    }
+}
+
+/// Reads and loads the plugin build to start with: `--plugin`, or else the build the
+/// checkpoint ran last. Returns it with its bytes, for the checkpoint's build store.
+fn load_plugin(
     job: &JobConfig,
-    plugin: &PluginRuntime,
-    instance: &mut PluginInstance,
-) -> Result<(JobCheckpoint, Resume)> {
-    let mut store = Checkpoint::open(dir, job.parallelism as u32)?;
-    store.keep_touched_index(job.state_timeout.is_some())?;
-    let store = Arc::new(store);
-    let resume = store.resume()?;
-    let info = &plugin.identity().info;
-    if let Some(last) = resume.last_plugin.as_ref().filter(|_| resume.has_state) {
-        check_can_continue(last, plugin, store.path())?;
+    checkpoint: Option<&OpenedCheckpoint>,
+) -> Result<(PluginRuntime, PluginInstance, Vec<u8>)> {
+    let path = match (&job.plugin, checkpoint) {
+        (Some(path), _) => path.clone(),
+        (None, Some(checkpoint)) => {
+            let (path, last) = checkpoint.active_build()?;
+            tracing::info!(
+                "no --plugin: continuing with {} {}, the build checkpoint {} ran last",
+                last.name,
+                last.version,
+                checkpoint.store.path().display()
+            );
+            path
+        }
+        (None, None) => bail!("no plugin given: pass --plugin PATH"),
+    };
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read plugin {}", path.display()))?;
+    let (runtime, instance) = PluginRuntime::from_bytes(&bytes, job.plugin_config.clone(), job.sandbox.clone())
+        .with_context(|| format!("plugin {}", path.display()))?;
+    Ok((runtime, instance, bytes))
+}
+
+/// Refuses a build the checkpoint ran before the one it runs now (an upgrade happened since,
+/// and starting the old file again would silently undo it), unless `force`. A build the
+/// checkpoint never ran is an upgrade at start, checked by [`check_can_continue`].
+fn check_not_older(runs: &[PluginRun], plugin: &PluginRuntime, path: &Path, force: bool) -> Result<()> {
+    let Some(active) = runs.last() else { return Ok(()) };
+    let given = plugin.identity();
+    if active.digest == given.digest {
+        return Ok(());
     }
-    let invertible = plugin.kind() == PluginKind::Windowed
-        && instance.inverse_reduce(&[]).map_err(|e| anyhow::anyhow!("plugin {}: {e}", info.name))?.is_some();
-    let state_partitions = store.state_partitions()?;
-    match resume.last_batch {
-        Some(last) => tracing::info!("resuming from checkpoint {}, last batch {last} ms", store.path().display()),
-        None => tracing::info!("starting a new checkpoint in {}", store.path().display()),
+    let Some(earlier) = runs.iter().rev().find(|run| run.digest == given.digest) else { return Ok(()) };
+    let short = |digest: &str| digest[..digest.len().min(12)].to_string();
+    if force {
+        tracing::warn!(
+            "--force: going back from {} {} to the older build {} {} (sha256 {})",
+            active.name,
+            active.version,
+            earlier.name,
+            earlier.version,
+            short(&earlier.digest)
+        );
+        return Ok(());
     }
-    let last_batch = resume.last_batch;
-    Ok((JobCheckpoint { store, state_partitions, last_batch, invertible }, resume))
+    bail!(
+        "checkpoint {} runs {} {} (sha256 {}) since batch {} ms, and plugin {} {} (sha256 {}) is a build it ran \
+         earlier (until batch {} ms). Leave out --plugin to continue with {} {}, or pass --force to go back to {} {}",
+        path.display(),
+        active.name,
+        active.version,
+        short(&active.digest),
+        active.first_batch,
+        earlier.name,
+        earlier.version,
+        short(&earlier.digest),
+        earlier.last_batch,
+        active.name,
+        active.version,
+        earlier.name,
+        earlier.version
+    )
 }
 
 fn log_batch(report: &BatchReport, member: &str) {
@@ -1162,10 +1352,12 @@ fn log_batch(report: &BatchReport, member: &str) {
         Some(rate) => format!("; rate limit {rate:.0} records/s"),
         None => String::new(),
     };
-    let outcome = match (report.replayed, report.fenced) {
-        (_, true) => " (abandoned: fenced)",
-        (true, false) => " (replayed)",
-        (false, false) => "",
+    let outcome = match (report.ending, report.replayed) {
+        (Ending::Fenced, _) => " (abandoned: fenced)",
+        (Ending::RolledBack, _) => " (abandoned: rolled back)",
+        (Ending::Held, _) => " (held: probation)",
+        (Ending::Committed, true) => " (replayed)",
+        (Ending::Committed, false) => "",
     };
     tracing::info!(
         "batch {} ms on {member}{outcome}: {} in, {} out, {} rejected{failed}; processing {} ms, scheduling delay {} ms, total delay {} ms{rate}; {}",

@@ -250,7 +250,7 @@ mod tests {
             caught_up: false,
             rate: Some(50.0),
             replayed: false,
-            fenced: false,
+            ending: crate::engine::Ending::Committed,
         };
         controller.batch_completed(2_100, &report);
         assert_eq!(controller.caps(&[1_000]), None, "without backpressure only the first batch is limited");

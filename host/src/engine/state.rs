@@ -9,13 +9,14 @@ use anyhow::{Context as _, Result};
 
 use super::parallel::run_parallel;
 use super::shuffle::shuffle;
-use crate::checkpoint::{BatchChanges, Checkpoint, StateWrite, StoredState, state_partition};
+use crate::checkpoint::{BatchChanges, StateView, StateWrite, StoredState, state_partition};
 use crate::runtime::{BatchContext, KeyGroup, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, StateChange};
 
 /// What the stateful step needs besides the batch's values.
 pub struct StateStep<'a> {
     pub runtime: &'a PluginRuntime,
-    pub checkpoint: &'a Checkpoint,
+    /// The checkpoint, seen through uncommitted probation batches.
+    pub state: &'a StateView<'a>,
     pub partitions: u32,
     /// `--state-timeout`, in milliseconds.
     pub timeout_ms: Option<i64>,
@@ -81,10 +82,10 @@ impl StateStep<'_> {
         let shuffled_at = started.elapsed();
         let keys: Vec<&[u8]> = shuffled.iter().flat_map(|groups| groups.keys().map(Vec::as_slice)).collect();
         // In the order of `keys`: the groups' own order, so no lookup by key is needed.
-        let mut stored = self.checkpoint.read_state(&keys)?.into_iter();
+        let mut stored = self.state.read_state(&keys)?.into_iter();
         let mut idle: Vec<Vec<(Vec<u8>, StoredState)>> = vec![Vec::new(); self.partitions as usize];
         if let Some(timeout) = self.timeout_ms {
-            for (key, state) in self.checkpoint.idle_keys(self.batch_time - timeout)? {
+            for (key, state) in self.state.idle_keys(self.batch_time - timeout)? {
                 let partition = state_partition(&key, self.partitions) as usize;
                 if !shuffled[partition].contains_key(&key) {
                     idle[partition].push((key, state));

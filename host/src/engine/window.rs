@@ -8,13 +8,14 @@ use anyhow::Result;
 
 use super::parallel::run_parallel;
 use super::shuffle::{Groups, shuffle};
-use crate::checkpoint::{BatchChanges, Checkpoint, Panes, WindowResult, state_partition};
+use crate::checkpoint::{BatchChanges, Panes, StateView, WindowResult, state_partition};
 use crate::runtime::{BatchContext, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, TaskError};
 
 /// What the windowed step needs besides the batch's values.
 pub struct WindowStep<'a> {
     pub runtime: &'a PluginRuntime,
-    pub checkpoint: &'a Checkpoint,
+    /// The checkpoint, seen through uncommitted probation batches.
+    pub state: &'a StateView<'a>,
     pub partitions: u32,
     pub length_ms: i64,
     pub slide_ms: i64,
@@ -73,14 +74,14 @@ impl WindowStep<'_> {
             return Ok(Vec::new());
         }
         let start = self.batch_time - self.length_ms;
-        let mut stored = self.checkpoint.panes()?;
+        let mut stored = self.state.panes()?;
         for (key, pane) in &changes.panes {
             let panes = stored.entry(key.clone()).or_default();
             // An earlier piece's pane of this batch is replaced by the folded one.
             panes.retain(|(time, _)| *time != self.batch_time);
             panes.push((self.batch_time, pane.clone()));
         }
-        let mut previous = if self.invertible { self.checkpoint.window_results()? } else { BTreeMap::new() };
+        let mut previous = if self.invertible { self.state.window_results()? } else { BTreeMap::new() };
         let mut tasks: Vec<SlideTask> = (0..self.partitions)
             .map(|partition| SlideTask {
                 context: BatchContext {
@@ -137,7 +138,7 @@ impl WindowStep<'_> {
         panes: &mut [(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
         let keys: Vec<&[u8]> = panes.iter().map(|(key, _)| key.as_slice()).collect();
-        let earlier = self.checkpoint.panes_at(&keys, self.batch_time)?;
+        let earlier = self.state.panes_at(&keys, self.batch_time)?;
         let mut folded = Vec::new();
         let lists: Vec<Vec<Vec<u8>>> = panes
             .iter()

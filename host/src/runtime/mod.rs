@@ -7,6 +7,7 @@
 mod bindings;
 mod exports;
 mod lift;
+pub mod replay;
 pub mod sandbox;
 
 use std::fmt;
@@ -28,6 +29,8 @@ use bindings::{transformer, updater, windower};
 use exports::{Exports, Outcome};
 pub use lift::OutputTooLarge;
 use lift::{OutputBudget, within};
+pub use replay::Determinism;
+use replay::Moment;
 use sandbox::{CapturedOutput, EpochTicker, InstanceLimits, LimitExceeded};
 pub use sandbox::{CpuLimit, GrantedDir, Sandbox};
 
@@ -168,6 +171,7 @@ impl PluginRuntime {
         store.data_mut().plugin = self.identity.info.name.clone();
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
+        store.data().begin_call(NO_BATCH.0, NO_BATCH.1);
         // Instantiation and `init` run under the same bound as every call.
         let deadline_ticks = self.sandbox.deadline_ticks();
         arm(&mut store, self.sandbox.cpu, deadline_ticks);
@@ -330,7 +334,7 @@ impl PluginInstance {
             ctx.topic, ctx.partition, ctx.from_offset, ctx.until_offset, ctx.batch_time
         );
         self.store.data_mut().task = format!("{}:{}", ctx.topic, ctx.partition);
-        let result = self.call(|exports, store| match exports {
+        let result = self.call((ctx.batch_time, ctx.partition), |exports, store| match exports {
             Exports::Transform { .. } => exports.process(store, ctx, records).map(|outcome| {
                 outcome.map(|r| {
                     r.map(|output| TaskOutput {
@@ -358,7 +362,7 @@ impl PluginInstance {
     pub fn update(&mut self, ctx: &BatchContext, groups: &[KeyGroup]) -> Result<Vec<KeyUpdate>, TaskError> {
         let task = format!("state partition {} of batch {} ms", ctx.partition, ctx.batch_time);
         self.store.data_mut().task = format!("state:{}", ctx.partition);
-        let result = self.call(|exports, store| exports.update(store, ctx, groups));
+        let result = self.call((ctx.batch_time, ctx.partition), |exports, store| exports.update(store, ctx, groups));
         let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "update"))?;
         let updates = self.outcome(task.clone(), result)?;
         if updates.len() != groups.len() {
@@ -375,7 +379,7 @@ impl PluginInstance {
     /// Re-encodes states of schema `from_version` with a stateful plugin's `migrate`.
     pub fn migrate(&mut self, from_version: u32, states: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("migrating {} states from schema version {from_version}", states.len());
-        let result = self.call(|exports, store| exports.migrate(store, from_version, states));
+        let result = self.call(NO_BATCH, |exports, store| exports.migrate(store, from_version, states));
         let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "migrate"))?;
         let migrated = self.outcome(task.clone(), result)?;
         self.check_count(task, migrated, states.len())
@@ -384,7 +388,7 @@ impl PluginInstance {
     /// Folds each list of values into one with a windowed plugin's `reduce`.
     pub fn reduce(&mut self, lists: &[Vec<Vec<u8>>]) -> Result<Vec<Vec<u8>>, TaskError> {
         let task = format!("reducing {} window values", lists.len());
-        let result = self.call(|exports, store| exports.reduce(store, lists));
+        let result = self.call(NO_BATCH, |exports, store| exports.reduce(store, lists));
         let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "reduce"))?;
         let reduced = self.outcome(task.clone(), result)?;
         self.check_count(task, reduced, lists.len())
@@ -393,7 +397,7 @@ impl PluginInstance {
     /// A windowed plugin's `inverse-reduce`, or `None` if it has none.
     pub fn inverse_reduce(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Option<Vec<Vec<u8>>>, TaskError> {
         let task = format!("inverse-reducing {} window values", pairs.len());
-        let result = self.call(|exports, store| exports.inverse_reduce(store, pairs));
+        let result = self.call(NO_BATCH, |exports, store| exports.inverse_reduce(store, pairs));
         let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "inverse-reduce"))?;
         match self.outcome(task.clone(), result)? {
             Some(values) => self.check_count(task, values, pairs.len()).map(Some),
@@ -404,17 +408,20 @@ impl PluginInstance {
     /// Turns one state partition's window results into records with a windowed plugin's `present`.
     pub fn present(&mut self, ctx: &BatchContext, results: &[KeyedValue]) -> Result<Vec<OutputRecord>, TaskError> {
         let task = format!("window ({}, {}] of state partition {}", ctx.from_offset, ctx.until_offset, ctx.partition);
-        let result = self.call(|exports, store| exports.present(store, ctx, results));
+        let result = self.call((ctx.batch_time, ctx.partition), |exports, store| exports.present(store, ctx, results));
         let result = result.ok_or_else(|| self.wrong_kind(task.clone(), "present"))?;
         self.outcome(task, result)
     }
 
-    /// One call of a batch function: armed with its deadline, its result lifted within the
-    /// output budget. `None` when the plugin's kind has no such function.
+    /// One call of a batch function: armed with its deadline, its clocks and randomness set
+    /// for `at` (the batch and partition it works on), its result lifted within the output
+    /// budget. `None` when the plugin's kind has no such function.
     fn call<T>(
         &mut self,
+        (batch_time, partition): (i64, i32),
         function: impl FnOnce(&Exports, &mut Store<InstanceState>) -> Option<Outcome<T>>,
     ) -> Option<Outcome<T>> {
+        self.store.data().begin_call(batch_time, partition);
         self.arm_deadline();
         let (exports, store, budget) = (&self.exports, &mut self.store, &self.budget);
         let mut missing = false;
@@ -600,6 +607,10 @@ fn check_is_component(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Where a call outside any batch (`init`, `describe`, `migrate`, `reduce`) stands for its
+/// clocks and randomness: epoch zero, no partition. Such calls must not depend on either.
+const NO_BATCH: (i64, i32) = (0, -1);
+
 /// Per-instance host state: the sandbox's WASI context and limits, captured output, and what
 /// log lines are tagged with.
 struct InstanceState {
@@ -607,6 +618,9 @@ struct InstanceState {
     table: ResourceTable,
     limits: InstanceLimits,
     output: CapturedOutput,
+    /// The call in progress, as the plugin's clocks and randomness see it.
+    moment: Moment,
+    job_seed: u64,
     plugin: String,
     task: String,
 }
@@ -614,14 +628,22 @@ struct InstanceState {
 impl InstanceState {
     fn new(sandbox: &Sandbox) -> Result<InstanceState> {
         let output = CapturedOutput::default();
+        let moment = Moment::default();
         Ok(InstanceState {
-            wasi: sandbox.wasi(&output)?,
+            wasi: sandbox.wasi(&output, &moment)?,
             table: ResourceTable::new(),
             limits: sandbox.limits(),
             output,
+            moment,
+            job_seed: sandbox.determinism.job_seed,
             plugin: String::new(),
             task: String::new(),
         })
+    }
+
+    /// A call for `partition` of the batch at `batch_time` (`-1`, `0`: none) is about to start.
+    fn begin_call(&self, batch_time: i64, partition: i32) {
+        self.moment.set(self.job_seed, batch_time, partition);
     }
 }
 

@@ -17,6 +17,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
+use super::replay::{Determinism, Moment};
+
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Bytes of stdout plus stderr kept per plugin call; the rest is counted and dropped, so a
@@ -55,6 +57,8 @@ pub struct Sandbox {
     pub env: Vec<(String, String)>,
     /// Host directories the plugin may read, and where it sees them.
     pub dirs: Vec<GrantedDir>,
+    /// The clocks and randomness plugins read.
+    pub determinism: Determinism,
 }
 
 /// A host directory granted read-only.
@@ -80,6 +84,7 @@ impl Default for Sandbox {
             max_batch_output_bytes: 1 << 30,
             env: Vec::new(),
             dirs: Vec::new(),
+            determinism: Determinism::default(),
         }
     }
 }
@@ -102,10 +107,11 @@ impl Sandbox {
     }
 
     /// The WASI context of one instance: only what the job granted, with stdout and stderr
-    /// going to `output`.
-    pub fn wasi(&self, output: &CapturedOutput) -> Result<WasiCtx> {
+    /// going to `output`, and clocks and randomness following `moment` (unless granted).
+    pub fn wasi(&self, output: &CapturedOutput, moment: &Moment) -> Result<WasiCtx> {
         let mut builder = WasiCtxBuilder::new();
         builder.stdout(output.clone()).stderr(output.clone());
+        self.determinism.install(&mut builder, moment);
         for (key, value) in &self.env {
             builder.env(key, value);
         }

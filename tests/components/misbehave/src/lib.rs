@@ -13,6 +13,7 @@
 //! | `connect ADDR` | opens a TCP connection: outputs `connected` or `denied: <error>` |
 //! | `env NAME` | outputs the variable's value, or `denied: <error>` |
 //! | `to TOPIC TEXT` | outputs TEXT to TOPIC (rather than the job's output topic) |
+//! | `clock` | outputs the wall clock (ms since the epoch), the monotonic clock's progress over a spin, and a random number |
 
 use sluice_sdk::{BatchContext, Output, Outputs, PluginError, Record, Reject, Transform};
 
@@ -72,6 +73,13 @@ impl Transform for Misbehave {
                 Err(e) => format!("denied: {e}"),
             },
             "env" => std::env::var(argument).unwrap_or_else(|e| format!("denied: {e}")),
+            "clock" => {
+                let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let started = std::time::Instant::now();
+                std::hint::black_box((0..100_000u64).sum::<u64>());
+                let random = getrandom::u64().map_err(|e| Reject::new(format!("no randomness: {e}")))?;
+                format!("clock {} {} {random}", wall.as_millis(), started.elapsed().as_nanos())
+            }
             "to" => {
                 let (topic, text) = argument.split_once(' ').unwrap_or((argument, ""));
                 out.push(Output::new(text.to_string()).to_topic(topic));

@@ -1,6 +1,7 @@
 //! Test fixture: version 2 of `plugins/wordcount`, for upgrades. Same plugin name, new state
 //! encoding — a JSON object instead of v1's decimal text — so state schema 2, with a migration
-//! from v1; outputs are marked `(word,total,v2)` so tests can tell the versions apart.
+//! from v1; outputs are marked `(word,total,v2)` so tests can tell the versions apart. v2 has a
+//! bug v1 has not: the word `v2-crash` makes it panic (for rollback tests).
 
 use serde::{Deserialize, Serialize};
 use sluice_sdk::{BatchContext, Codec, Emit, Json, Output, Outputs, PluginError, Record, Reject, Stateful};
@@ -25,6 +26,7 @@ impl Stateful for WordCountV2 {
 
     fn process(&mut self, _ctx: &BatchContext, record: Record, out: &mut Emit<String, u64>) -> Result<(), Reject> {
         for word in record.value_str()?.split_whitespace() {
+            assert_ne!(word, "v2-crash", "wordcount v2 cannot count this word");
             out.emit(word.to_string(), 1);
         }
         Ok(())

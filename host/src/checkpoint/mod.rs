@@ -11,7 +11,7 @@
 //! 2. [`Checkpoint::commit`] records the batch's results: every partition's new offset, the
 //!    state changes, the window panes and which plugin produced them; the plan is cleared.
 //!
-//! Group offsets are committed to Kafka after step 2, for lag tooling only.
+//! The consumer group's offsets are committed between the two steps (see `engine::commit`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::PluginIdentity;
+
+mod builds;
+mod view;
+
+pub use builds::Builds;
+pub use view::{HeldChanges, StateView};
 
 const EMPTY: &[u8] = &[];
 
@@ -68,6 +74,9 @@ pub type KeyState = (Vec<u8>, Vec<u8>);
 pub struct PendingBatch {
     pub batch_time: i64,
     pub ranges: Vec<OffsetRange>,
+    /// The plugin build (digest) the batch ran with; a replay runs the same build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 /// One plugin build's stretch of batches.
@@ -135,9 +144,11 @@ impl fmt::Display for PluginRun {
 pub struct Resume {
     pub offsets: BTreeMap<TopicPartition, i64>,
     pub last_batch: Option<i64>,
-    pub pending: Option<PendingBatch>,
-    /// The most recent plugin run, if any batch was committed.
-    pub last_plugin: Option<PluginRun>,
+    /// Batches planned but not committed, oldest first: the one in flight, or the batches a
+    /// new build ran on probation (they commit together).
+    pub pending: Vec<PendingBatch>,
+    /// Every plugin run, oldest first: the last is the active build.
+    pub plugin_runs: Vec<PluginRun>,
     /// Whether any keyed state or window pane is stored.
     pub has_state: bool,
     /// The `--start` offsets applied so far.
@@ -177,6 +188,17 @@ pub struct BatchChanges {
     pub dropped_windows: Vec<Vec<u8>>,
 }
 
+impl BatchChanges {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty()
+            && self.panes.is_empty()
+            && self.expired_panes.is_empty()
+            && self.window_results.is_empty()
+            && self.dropped_windows.is_empty()
+    }
+}
+
 /// One batch's (or one piece of a batch's) results, committed in one transaction.
 #[derive(Debug)]
 pub struct BatchCommit<'a> {
@@ -190,8 +212,6 @@ pub struct BatchCommit<'a> {
     pub member: &'a str,
     /// `--start` offsets applied since the last commit.
     pub applied_starts: &'a [(TopicPartition, i64)],
-    /// What is left of a replayed plan after this piece: it stays pending. `None` clears it.
-    pub remainder: Option<&'a PendingBatch>,
 }
 
 /// What `host checkpoint inspect` reports about the state.
@@ -299,20 +319,14 @@ impl Checkpoint {
         read_resume(&self.db.begin_read()?)
     }
 
-    /// Records a batch's plan before it is fetched. A durable write of its own, so that a
-    /// crash at any later point replays exactly this batch.
-    pub fn begin_batch(&self, pending: &PendingBatch) -> Result<()> {
+    /// Records the plans of the batches not yet committed (the batch about to be processed,
+    /// after any a new build holds on probation) before they are processed. A durable write of
+    /// its own, so that a crash at any later point replays exactly these batches.
+    pub fn begin_batch(&self, pending: &[PendingBatch]) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert("pending", serde_json::to_vec(pending)?.as_slice())?;
-        txn.commit()
-            .with_context(|| format!("cannot record batch {} ms in {}", pending.batch_time, self.path.display()))
-    }
-
-    /// Forgets a recorded plan (an explicit `--start` overrides it).
-    pub fn discard_pending(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(META)?.remove("pending")?;
-        txn.commit().with_context(|| format!("cannot update {}", self.path.display()))
+        let last = pending.last().map_or(0, |plan| plan.batch_time);
+        txn.commit().with_context(|| format!("cannot record batch {last} ms in {}", self.path.display()))
     }
 
     /// The stored state of each of `keys`, in order.
@@ -392,12 +406,31 @@ impl Checkpoint {
         keys.iter().map(|key| Ok(table.get((*key, batch_time))?.map(|pane| pane.value().to_vec()))).collect()
     }
 
-    /// Commits one batch (or one piece of it): its offsets, state changes, panes and plugin,
-    /// and clears its plan (or leaves the remainder pending). After this returns the batch is
-    /// done; a crash before it replays the batch.
-    pub fn commit(&self, batch: &BatchCommit<'_>) -> Result<()> {
-        let BatchCommit { batch_time, ranges, changes, plugin, config, member, applied_starts, remainder } = *batch;
+    /// Commits batches (one, or a new build's probation batches together, or a piece of a
+    /// replayed batch): their offsets, state changes, panes and plugin runs, in one transaction,
+    /// leaving `pending` as the plans still to run (none normally; the rest of a batch that runs
+    /// in pieces). After this returns the batches are done; a crash before it replays them.
+    pub fn commit(&self, batches: &[BatchCommit<'_>], pending: &[PendingBatch]) -> Result<()> {
         let txn = self.db.begin_write()?;
+        for batch in batches {
+            self.write_batch(&txn, batch)?;
+        }
+        {
+            let mut meta = txn.open_table(META)?;
+            if pending.is_empty() {
+                meta.remove("pending")?;
+            } else {
+                meta.insert("pending", serde_json::to_vec(pending)?.as_slice())?;
+            }
+        }
+        crate::failpoint::reached("checkpoint");
+        let last = batches.last().map_or(0, |batch| batch.batch_time);
+        txn.commit().with_context(|| format!("cannot commit batch {last} ms to {}", self.path.display()))
+    }
+
+    /// Writes one batch's results into `txn`.
+    fn write_batch(&self, txn: &redb::WriteTransaction, batch: &BatchCommit<'_>) -> Result<()> {
+        let BatchCommit { batch_time, ranges, changes, plugin, config, member, applied_starts } = *batch;
         {
             let mut offsets = txn.open_table(OFFSETS)?;
             for range in ranges {
@@ -465,13 +498,8 @@ impl Checkpoint {
 
             let mut meta = txn.open_table(META)?;
             meta.insert("last-batch", batch_time.to_le_bytes().as_slice())?;
-            match remainder {
-                Some(remainder) => meta.insert("pending", serde_json::to_vec(remainder)?.as_slice()).map(drop)?,
-                None => meta.remove("pending").map(drop)?,
-            }
         }
-        crate::failpoint::reached("checkpoint");
-        txn.commit().with_context(|| format!("cannot commit batch {batch_time} ms to {}", self.path.display()))
+        Ok(())
     }
 }
 
@@ -526,12 +554,7 @@ impl CheckpointView {
 
     /// Every plugin run, oldest first.
     pub fn plugin_runs(&self) -> Result<Vec<PluginRun>> {
-        let txn = self.begin_read()?;
-        let mut runs = Vec::new();
-        for entry in txn.open_table(PLUGINS)?.iter()? {
-            runs.push(serde_json::from_str(entry?.1.value())?);
-        }
-        Ok(runs)
+        read_plugin_runs(&self.begin_read()?)
     }
 
     pub fn state_partitions(&self) -> Result<u32> {
@@ -597,6 +620,14 @@ pub fn state_partition(key: &[u8], partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+fn read_plugin_runs(txn: &ReadTransaction) -> Result<Vec<PluginRun>> {
+    let mut runs = Vec::new();
+    for entry in txn.open_table(PLUGINS)?.iter()? {
+        runs.push(serde_json::from_str(entry?.1.value()).context("unreadable plugin record in the checkpoint")?);
+    }
+    Ok(runs)
+}
+
 fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
     let meta = txn.open_table(META)?;
     let mut offsets = BTreeMap::new();
@@ -606,16 +637,23 @@ fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
         offsets.insert(TopicPartition::new(topic, partition), offset.value());
     }
     let last_batch = meta.get("last-batch")?.map(|bytes| i64_from(bytes.value()));
+    // A list of plans; checkpoints written before probation batches were held have one.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Pending {
+        Many(Vec<PendingBatch>),
+        One(PendingBatch),
+    }
     let pending = match meta.get("pending")? {
-        Some(json) => Some(serde_json::from_slice(json.value()).context("unreadable pending batch in the checkpoint")?),
-        None => None,
-    };
-    let last_plugin = match txn.open_table(PLUGINS)?.last()? {
-        Some((_, json)) => {
-            Some(serde_json::from_str(json.value()).context("unreadable plugin record in the checkpoint")?)
+        Some(json) => {
+            match serde_json::from_slice(json.value()).context("unreadable pending batch in the checkpoint")? {
+                Pending::Many(plans) => plans,
+                Pending::One(plan) => vec![plan],
+            }
         }
-        None => None,
+        None => Vec::new(),
     };
+    let plugin_runs = read_plugin_runs(txn)?;
     let has_state = !txn.open_table(STATE)?.is_empty()? || !txn.open_table(PANES)?.is_empty()?;
     let mut applied_starts = BTreeMap::new();
     // A checkpoint written before starts were recorded has no such table yet.
@@ -626,7 +664,7 @@ fn read_resume(txn: &ReadTransaction) -> Result<Resume> {
             applied_starts.insert(TopicPartition::new(topic, partition), offset.value());
         }
     }
-    Ok(Resume { offsets, last_batch, pending, last_plugin, has_state, applied_starts })
+    Ok(Resume { offsets, last_batch, pending, plugin_runs, has_state, applied_starts })
 }
 
 fn check_format(txn: &ReadTransaction, path: &Path) -> Result<()> {
@@ -689,9 +727,8 @@ mod tests {
             config: &[],
             member: "test",
             applied_starts: &[],
-            remainder: None,
         };
-        checkpoint.commit(&commit).unwrap();
+        checkpoint.commit(&[commit], &[]).unwrap();
     }
 
     fn idle(checkpoint: &Checkpoint, since: i64) -> Vec<String> {
