@@ -60,6 +60,86 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// Tansu, an independent Kafka-compatible broker, as a child process on a loopback port with
+/// its storage in memory; killed when dropped (it delays SIGTERM, and has nothing to flush).
+/// Its quirks: the high watermark is the last record batch's base offset + 1 (produce input
+/// with [`produce_one_by_one`], read outputs with [`committed_view`]), and Fetch carries no
+/// aborted transactions (which [`committed_view`] works out from the markers).
+pub struct TansuBroker {
+    child: Child,
+    pub brokers: String,
+}
+
+impl TansuBroker {
+    /// Starts a broker and creates `topics` (name, partitions) on it.
+    pub fn start(topics: &[(&str, i32)]) -> TansuBroker {
+        let binary = match std::env::var_os("SLUICE_TANSU") {
+            Some(path) => std::path::PathBuf::from(path),
+            None => std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/tansu")).to_path_buf(),
+        };
+        assert!(
+            binary.exists(),
+            "no Tansu broker at {} (tests/run installs it; or set SLUICE_TANSU)",
+            binary.display()
+        );
+        // A port taken between choosing and binding makes Tansu exit (with status 0): try another.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut child = Command::new(&binary)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+            // It prints "ready in N ms" once listening; its log goes on to stdout, kept drained.
+            let stdout = BufReader::new(child.stdout.take().unwrap());
+            let (send, ready) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut send = Some(send);
+                for line in stdout.lines().map_while(Result::ok) {
+                    if let Some(send) = send.take_if(|_| line.contains("ready in")) {
+                        let _ = send.send(());
+                    }
+                }
+            });
+            match ready.recv_timeout(Duration::from_secs(30)) {
+                Ok(()) => {
+                    let broker = TansuBroker { child, brokers: format!("127.0.0.1:{port}") };
+                    if !topics.is_empty() {
+                        let mut args = vec!["create-topics".to_string(), "--brokers".into(), broker.brokers.clone()];
+                        for (topic, partitions) in topics {
+                            args.extend(["--topic".into(), format!("{topic}:{partitions}")]);
+                        }
+                        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                        let _: serde_json::Value = kafka_check(&args, "");
+                    }
+                    return broker;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = child.wait();
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("Tansu was not ready within 30 s");
+                }
+            }
+        }
+        panic!("Tansu exited before it was ready, five times (ports in use?)");
+    }
+}
+
+impl Drop for TansuBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `host` whose stderr lines arrive on a channel.
 pub struct Running {
     child: Child,
@@ -98,6 +178,24 @@ impl Running {
         }
     }
 
+    /// Takes the log lines that have arrived, without waiting; returns how many.
+    pub fn drain(&mut self) -> usize {
+        let before = self.seen.len();
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.len() - before
+    }
+
+    /// Kills the process with SIGKILL, as a machine failure would.
+    /// Kills the process (SIGKILL) and returns what it logged.
+    pub fn kill(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.drain();
+        std::mem::take(&mut self.seen)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -117,7 +215,11 @@ impl Running {
             status
         });
         if finished.recv_timeout(Duration::from_secs(60)).is_err() {
-            panic!("host did not exit after the signal");
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            let tail = self.seen[self.seen.len().saturating_sub(40)..].join("\n");
+            panic!("host did not exit after the signal; its last lines:\n{tail}");
         }
         while let Ok(line) = self.lines.try_recv() {
             self.seen.push(line);
@@ -243,6 +345,19 @@ pub fn produce(brokers: &str, topic: &str, records: &[Input]) {
     assert_eq!(answer["produced"], records.len());
 }
 
+/// Produces `records` with kafka-python one per Produce request, each acknowledged before the
+/// next: on Tansu, whose high watermark is the last batch's base offset + 1, a batch of several
+/// records would make the log end look short.
+pub fn produce_one_by_one(brokers: &str, topic: &str, records: &[Input]) {
+    let lines: String = records
+        .iter()
+        .map(|r| serde_json::json!({"partition": r.partition, "key": r.key, "value": r.value}).to_string() + "\n")
+        .collect();
+    let answer: serde_json::Value =
+        kafka_check(&["produce", "--brokers", brokers, "--topic", topic, "--one-per-request"], &lines);
+    assert_eq!(answer["produced"], records.len());
+}
+
 /// Produces `values` to `partition` with Kafka's "no timestamp" (-1), which kafka-python can
 /// write and librdkafka cannot.
 pub fn produce_without_timestamps(brokers: &str, topic: &str, partition: i32, values: &[&str]) {
@@ -268,6 +383,24 @@ pub struct Consumed {
 /// Every record of `topic`, read with confluent-kafka.
 pub fn consume(brokers: &str, topic: &str) -> Vec<Consumed> {
     kafka_check(&["consume", "--brokers", brokers, "--topic", topic], "")
+}
+
+/// What a `read_committed` consumer must see of a topic, worked out from its raw record batches
+/// (Tansu's Fetch carries no aborted transactions, so no client there can filter them).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommittedView {
+    /// Records of committed transactions and of non-transactional batches, in offset order per
+    /// partition.
+    pub records: Vec<Consumed>,
+    /// Records of aborted transactions.
+    pub aborted: usize,
+    /// Records of transactions with no COMMIT or ABORT marker yet.
+    pub open: usize,
+}
+
+/// The committed view of `topic`, read with a record-batch reader of the standard library's.
+pub fn committed_view(brokers: &str, topic: &str) -> CommittedView {
+    kafka_check(&["committed", "--brokers", brokers, "--topic", topic], "")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

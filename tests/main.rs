@@ -1,6 +1,6 @@
 //! End-to-end tests of Sluice against real Kafka-protocol brokers (librdkafka's mock cluster,
-//! in-process and as a `host dev-broker` process), with results read back by clients nobody
-//! here wrote (confluent-kafka, kafka-python, librdkafka).
+//! in-process and as a `host dev-broker` process, and Tansu), with results read back by clients
+//! nobody here wrote (confluent-kafka, kafka-python, librdkafka).
 
 /// Shared set-up: broker processes, running `host`, the Python clients, ETL fixtures.
 mod harness;
@@ -33,8 +33,13 @@ mod postgres;
 mod restarts;
 /// Misbehaving plugins: limits, capabilities and failure policies.
 mod sandbox;
+/// Several hosts on one group: work split, hosts joining, leaving and dying; stateful refusal.
+mod scale_out;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
+/// Tansu, an independent Kafka broker: committed transactions from its record batches, and
+/// several hosts sharing a topic through its group coordinator.
+mod tansu;
 /// Outputs the sinks refuse: too large, or for a topic outside the allow-list.
 mod undeliverable;
 /// Hot upgrades through the admin endpoint: switch, rollback, refusals.

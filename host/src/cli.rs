@@ -29,12 +29,28 @@ pub enum Command {
     /// Swap a running job's plugin for a new build at the next batch boundary, keeping offsets
     /// and state; rolled back if the new build fails its first batches.
     Upgrade(UpgradeArgs),
-    /// Show a running job's plugin, last batch and lag.
-    Status {
-        /// The running job's checkpoint directory (its admin endpoint and token are there).
-        #[arg(long, env = "SLUICE_CHECKPOINT", value_name = "DIR")]
-        checkpoint: PathBuf,
-    },
+    /// Show a running job's plugin, partitions, last batch and lag (`--checkpoint DIR`), or a
+    /// whole group's members, partitions, plugin builds and lag as their commits say
+    /// (`--group NAME --topic NAME`).
+    Status(StatusArgs),
+}
+
+/// Options of `host status`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["checkpoint", "group"]))]
+pub struct StatusArgs {
+    /// The running job's checkpoint directory (its admin endpoint and token are there).
+    #[arg(long, env = "SLUICE_CHECKPOINT", value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// A consumer group: every member's partitions and builds, from the group's commits.
+    #[arg(long, value_name = "NAME", requires = "topics")]
+    pub group: Option<String>,
+    /// The group's input topics (repeatable).
+    #[arg(long = "topic", value_name = "NAME")]
+    pub topics: Vec<String>,
+    /// Bootstrap servers of the group's cluster.
+    #[arg(long, env = "SLUICE_BROKERS", value_name = "HOST:PORT,...", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
 }
 
 /// Options of `host upgrade`.

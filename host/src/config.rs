@@ -747,6 +747,8 @@ impl JobConfig {
         // After an outage librdkafka waits up to this long between reconnection attempts (its
         // default is 10 s): brokers that are back are used again within a second.
         config.set("reconnect.backoff.max.ms", "1000");
+        // The group's membership (DescribeGroups, `host status --group`) names members by it.
+        config.set("client.id", format!("sluice-{}", self.instance_id));
         for (key, value) in &self.kafka {
             config.set(key, value);
         }

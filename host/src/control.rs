@@ -15,6 +15,8 @@ pub struct Status {
     pub kind: PluginKind,
     /// This host's name in the consumer group.
     pub member: String,
+    /// The partitions the group assigned to this host.
+    pub partitions: Vec<String>,
     pub last_batch: Option<i64>,
     /// Records between the last batch's ends and the high watermarks it saw.
     pub lag: Option<i64>,
@@ -33,6 +35,7 @@ impl Status {
                 "kind": self.kind.to_string(),
             },
             "member": self.member,
+            "partitions": self.partitions,
             "last_batch": self.last_batch,
             "lag": self.lag,
             "probation": self.probation.as_ref().map(ToString::to_string),

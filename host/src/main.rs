@@ -48,9 +48,23 @@ fn try_main() -> Result<()> {
                 Ok(())
             }
             Command::Upgrade(args) => upgrade(args),
-            Command::Status { checkpoint } => {
-                let (code, body) = sluice_host::admin::request(&checkpoint, "GET", "/status", None)?;
-                sluice_host::admin::check_ok(code, &body)?;
+            Command::Status(args) => {
+                let body = match (&args.checkpoint, &args.group) {
+                    (Some(checkpoint), _) => {
+                        let (code, body) = sluice_host::admin::request(checkpoint, "GET", "/status", None)?;
+                        sluice_host::admin::check_ok(code, &body)?;
+                        body
+                    }
+                    (None, Some(group)) => {
+                        let mut config = rdkafka::ClientConfig::new();
+                        config.set("bootstrap.servers", &args.brokers);
+                        let view = tokio::task::block_in_place(|| {
+                            sluice_host::source::group_view(&config, group, &args.topics)
+                        })?;
+                        serde_json::to_value(view)?
+                    }
+                    (None, None) => unreachable!("clap requires --checkpoint or --group"),
+                };
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 Ok(())
             }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::checkpoint::PendingBatch;
 use crate::config::JobConfig;
@@ -43,6 +43,9 @@ pub struct Positions {
     pub newly_applied: Vec<(TopicPartition, i64)>,
     /// The checkpoint's offsets: where this host's last committed batches ended.
     pub checkpoint: BTreeMap<TopicPartition, i64>,
+    /// Whether the job keeps keyed state or panes in its checkpoint: then records another
+    /// member processed are state this host does not have.
+    pub stateful: bool,
 }
 
 impl Positions {
@@ -80,6 +83,10 @@ impl Positions {
                 created_since_start: partition.created_since_start,
             };
             let start = start_position(candidates, job.auto_offset_reset, partition.bounds);
+            if let (StartPosition::Committed(offset), true) = (start, self.stateful) {
+                check_state_is_here(tp, offset, partition.committed.as_ref(), candidates.checkpoint, &job.instance_id)
+                    .map_err(|error| error.context(format!("consumer group {}", job.group)))?;
+            }
             if let StartPosition::Explicit(offset) = start {
                 self.applied_starts.insert(tp.clone(), offset);
                 self.newly_applied.push((tp.clone(), offset));
@@ -120,6 +127,31 @@ impl Positions {
 /// batch or a later one of the plans (a build on probation commits its batches together, as
 /// the last one) — or carries no metadata at all (brokers that do not keep it, such as Tansu;
 /// the offset alone then decides).
+/// A stateful job may continue a partition from the group's offset only if the records before
+/// it were counted in this host's checkpoint. Another member committing past the checkpoint
+/// means their state changes live in that member's checkpoint: continuing would silently
+/// count from part of the history (keyed state across hosts is issue 18's changelog).
+fn check_state_is_here(
+    tp: &TopicPartition,
+    offset: i64,
+    committed: Option<&Committed>,
+    checkpoint: Option<i64>,
+    instance_id: &str,
+) -> Result<()> {
+    let Some(member) = committed.and_then(|c| c.metadata.as_ref()).map(|m| m.member.as_str()) else {
+        return Ok(()); // not committed by a Sluice member
+    };
+    if member.is_empty() || member == instance_id {
+        return Ok(());
+    }
+    let here = checkpoint.map_or_else(|| "none".to_string(), |offset| offset.to_string());
+    bail!(
+        "{tp}: member {member} processed it up to offset {offset}, and this host's checkpoint holds its state \
+         only up to {here}. A stateful job's keyed state lives in one host's checkpoint, so it runs on one host \
+         at a time: run it where that checkpoint is, or use another --group"
+    );
+}
+
 pub fn reconcile(
     plans: Vec<PendingBatch>,
     starts: &BTreeMap<TopicPartition, (i64, Option<Committed>)>,
@@ -259,5 +291,23 @@ mod tests {
         let bare =
             BTreeMap::from([(TopicPartition::new("in", 0), (15, Some(Committed { offset: 15, metadata: None })))]);
         assert_eq!(reconcile(plans, &bare, true).len(), 2);
+    }
+
+    #[test]
+    fn a_stateful_job_does_not_continue_where_another_member_left_its_state() {
+        let tp = TopicPartition::new("in", 0);
+        let by = |member: &str| Committed {
+            offset: 40,
+            metadata: Some(CommitMetadata { batch: 1, member: member.into(), ..CommitMetadata::default() }),
+        };
+        let error = check_state_is_here(&tp, 40, Some(&by("host-1")), Some(25), "host-2").unwrap_err();
+        assert!(error.to_string().contains("member host-1 processed it up to offset 40"), "{error}");
+        assert!(error.to_string().contains("only up to 25"), "{error}");
+        assert!(check_state_is_here(&tp, 40, Some(&by("host-1")), None, "host-2").is_err());
+        // Its own commits, commits by other tools, and no commit at all are fine.
+        assert!(check_state_is_here(&tp, 40, Some(&by("host-2")), Some(25), "host-2").is_ok());
+        let foreign = Committed { offset: 40, metadata: None };
+        assert!(check_state_is_here(&tp, 40, Some(&foreign), None, "host-2").is_ok());
+        assert!(check_state_is_here(&tp, 40, None, None, "host-2").is_ok());
     }
 }

@@ -49,7 +49,7 @@ pub fn commit_group(
             Ok(GroupCommit::Committed)
         }
         Err(CommitError::Fenced { partitions, cause }) => {
-            Ok(GroupCommit::Fenced(format!("the consumer group gave {partitions} to another member ({cause})")))
+            Ok(GroupCommit::Fenced(format!("fenced: the consumer group gave {partitions} to another member ({cause})")))
         }
         Err(CommitError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
     }

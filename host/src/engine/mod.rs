@@ -345,8 +345,12 @@ impl Engine {
             Some(store) => Some(start_upgrades(&job, &plugin, store)?),
             None => None,
         };
-        let positions =
-            Positions { applied_starts: resume.applied_starts, newly_applied: Vec::new(), checkpoint: resume.offsets };
+        let positions = Positions {
+            applied_starts: resume.applied_starts,
+            newly_applied: Vec::new(),
+            checkpoint: resume.offsets,
+            stateful: plugin.kind() != PluginKind::Transform,
+        };
         let mut engine = Engine {
             job,
             plugin,
@@ -541,6 +545,9 @@ impl Engine {
         self.reconcile_interrupted(&started);
         // A partition that moved to another member is replayed there, from the group's offset.
         let owned: Vec<TopicPartition> = self.source.partitions().cloned().collect();
+        if let Some(upgrades) = &self.upgrades {
+            upgrades.status.lock().expect("not poisoned").partitions = owned.iter().map(ToString::to_string).collect();
+        }
         for replay in &mut self.replays {
             replay.ranges.retain(|range| owned.contains(&range.partition));
         }
@@ -1134,6 +1141,7 @@ fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheck
         plugin: plugin.identity().clone(),
         kind: plugin.kind(),
         member: job.instance_id.clone(),
+        partitions: Vec::new(),
         last_batch: checkpoint.last_batch,
         lag: None,
         probation: None,

@@ -11,6 +11,7 @@
 //! leaders and retries by itself, so a fetch fails only when it has made no progress (no
 //! record, no position change) for `--broker-timeout`.
 
+mod members;
 pub mod membership;
 pub mod record;
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{JobConfig, Topics};
 use crate::offsets::{OffsetRange, OnOffsetOutOfRange, TopicPartition, check_in_log, plan_range};
+pub use members::{GroupView, LiveMember, MemberView, PartitionView, group_view};
 pub use membership::Change;
 use membership::{Membership, is_generation_change, is_replaced, is_transient};
 pub use record::{RawHeader, SourceRecord, Unreadable};
@@ -57,8 +59,6 @@ pub struct KafkaSource {
     wake: Arc<Wake>,
     /// The longest the source waits on brokers without progress.
     broker_timeout: Duration,
-    /// The group's session timeout: how long a member may be out of the group.
-    session_timeout: Duration,
     /// The bootstrap servers, for error messages.
     brokers: String,
     topics: Topics,
@@ -175,7 +175,9 @@ pub struct Fetched {
 /// during a broker outage): the batch cannot be committed and is abandoned; the partitions'
 /// owner of record replays it.
 #[derive(Debug, thiserror::Error)]
-#[error("the consumer group took {partitions} away while the batch was reading them (this member's session expired)")]
+#[error(
+    "fenced: the consumer group took {partitions} away while the batch was reading them (this member's session expired)"
+)]
 pub struct Lost {
     pub partitions: String,
 }
@@ -225,7 +227,6 @@ impl KafkaSource {
             cursors: BTreeMap::new(),
             wake: Arc::new(Wake::default()),
             broker_timeout: job.broker_timeout,
-            session_timeout: job.session_timeout,
             brokers: job.brokers.clone(),
             topics: job.topics.clone(),
             subscribed: BTreeSet::new(),
@@ -493,6 +494,18 @@ impl KafkaSource {
                 last_progress = Instant::now();
                 continue;
             }
+            // During a cooperative rebalance librdkafka pauses every fetcher until the
+            // announced change is applied, which happens at the batch boundary: waiting for more
+            // records would wait until --broker-timeout. The batch ends with what it has read
+            // (like a task at its bounds); the rest follows in the next batch, on this member
+            // or on the partition's new owner.
+            if self.consumer.context().has_changes() {
+                for task in tasks.iter_mut().filter(|task| task.open()) {
+                    task.until = task.reached;
+                }
+                tracing::info!("the group is rebalancing: batch ends with the records read so far");
+                break;
+            }
             // Offsets inside a range may hold no record (transaction markers, compaction);
             // the consumer's position tells when a range is exhausted.
             let now = self.positions()?;
@@ -538,14 +551,18 @@ impl KafkaSource {
 
     /// Commits the ranges' ends to the consumer group with `metadata` per partition,
     /// synchronously. Transient failures are retried until `--broker-timeout`. A refusal because
-    /// the group rebalanced is retried once this member has rejoined, unless the rebalance took
-    /// the partitions away (or the member stays out of the group past its session timeout):
-    /// then the commit is [`CommitError::Fenced`].
+    /// the group is rebalancing is retried while the rebalance runs (the consumer is served
+    /// meanwhile, so it rejoins), unless the rebalance took the partitions away (or the member
+    /// cannot get back into the group within `--broker-timeout`): then the commit is
+    /// [`CommitError::Fenced`]. Nothing to commit (a member that owns no partitions) is done.
     pub fn commit(
         &mut self,
         ends: &[(TopicPartition, i64)],
         metadata: impl Fn(&TopicPartition) -> CommitMetadata,
     ) -> Result<(), CommitError> {
+        if ends.is_empty() {
+            return Ok(());
+        }
         let lost = self.consumer.context().lost_among(ends.iter().map(|(partition, _)| partition));
         if !lost.is_empty() {
             return Err(CommitError::Fenced {
@@ -575,8 +592,11 @@ impl KafkaSource {
                     if !lost.is_empty() {
                         return Err(CommitError::Fenced { partitions: join(&lost), cause: error.to_string() });
                     }
-                    if started.elapsed() > self.session_timeout {
-                        let cause = format!("{error}, and this member was out of the group past its session timeout");
+                    if Instant::now() > deadline {
+                        let cause = format!(
+                            "{error}, and this member was not back in the group within {}",
+                            humantime::format_duration(self.broker_timeout)
+                        );
                         return Err(CommitError::Fenced { partitions: join(&all()), cause });
                     }
                     tracing::debug!(
@@ -810,8 +830,33 @@ impl Drop for KafkaSource {
                 tracing::debug!("while leaving the group: {error}");
             }
         }
+        // librdkafka's close can wait for good when it meets a cooperative rebalance in
+        // progress (librdkafka #4527, fixed after the 2.12 this job links), and rdkafka's drop
+        // waits for the close without a bound. Close here, within a bound; past it, the client
+        // is left to the process exit and the coordinator drops this member after its session
+        // timeout, as if it had died.
+        let deadline = Instant::now() + LEAVE_TIMEOUT;
+        let mut closed = self.consumer.close_queue().is_ok();
+        while closed && !self.consumer.closed() {
+            if Instant::now() > deadline {
+                closed = false;
+                break;
+            }
+            let _ = self.consumer.poll(Duration::from_millis(100));
+        }
+        if !closed {
+            tracing::warn!(
+                "leaving the consumer group did not finish within {}; the group drops this member after its \
+                 session timeout",
+                humantime::format_duration(LEAVE_TIMEOUT)
+            );
+            std::mem::forget(Arc::clone(&self.consumer));
+        }
     }
 }
+
+/// How long a stopping job waits for its consumer to leave the group.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a broker request until it succeeds or `timeout` has passed, logging each failure, so a
 /// broker that is briefly away does not stop the job.
