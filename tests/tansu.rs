@@ -11,7 +11,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, Threa
 
 use crate::harness::{
     Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_view, etl_case, host, offsets,
-    produce_one_by_one, unique,
+    produce_one_by_one, run_host, unique,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,6 +136,12 @@ fn three_hosts_on_tansu_share_the_partitions_and_deliver_every_record_once() {
     let all: BTreeSet<String> = hosts.iter_mut().flat_map(owned).collect();
     assert_eq!(all.len(), 6, "the three shares cover the topic: {all:?}");
     let settled = started.elapsed();
+    // The coordinator's view (DescribeGroups): three live members. Tansu reports no client ids
+    // or assignments, so only their number is checked here.
+    let status =
+        run_host(host().args(["status", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]), LIMIT);
+    let view: serde_json::Value = serde_json::from_str(&status.assert_success().stdout()).unwrap();
+    assert_eq!(view["live"].as_array().map(Vec::len), Some(3), "{view}");
     produce_one_by_one(&broker.brokers, &topic, &case.lines[120..]);
     wait_until("the group has committed every partition to its end", || {
         offsets(&broker.brokers, &topic, &group).values().all(|o| o.committed == Some(o.end))

@@ -32,7 +32,13 @@ fn main() -> ExitCode {
 fn try_main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info"))
+                // The source closes its consumer itself, within a bound (librdkafka can wait for
+                // ever); rdkafka's drop then closes it again and logs that as an error.
+                .add_directive("rdkafka::consumer::base_consumer=off".parse().expect("a valid directive")),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())

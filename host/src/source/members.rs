@@ -47,8 +47,11 @@ pub struct MemberView {
 /// One member of the group as the coordinator knows it now.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveMember {
-    /// The host's `--instance-id` (its client id is `sluice-<instance>`).
+    /// The host's `--instance-id` (its client id is `sluice-<instance>`), when the broker
+    /// reports client ids (Tansu does not).
     pub member: String,
+    /// The coordinator's id of the member.
+    pub member_id: String,
     pub client_host: String,
     /// The partitions the coordinator assigned to it.
     pub partitions: Vec<String>,
@@ -125,6 +128,7 @@ fn live_member(info: &rdkafka::groups::GroupMemberInfo) -> LiveMember {
     let client = info.client_id();
     LiveMember {
         member: client.strip_prefix("sluice-").unwrap_or(client).to_string(),
+        member_id: info.id().to_string(),
         client_host: info.client_host().trim_start_matches('/').to_string(),
         partitions: info.assignment().map(assigned_partitions).unwrap_or_default(),
     }
