@@ -17,8 +17,8 @@ use rdkafka::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use sluice_host::broker::{Api, DevBroker};
-use sluice_host::config::{JobConfig, Topics};
-use sluice_host::engine::{Engine, Shutdown};
+use sluice_host::config::{DeliveryGuarantee, JobConfig, Topics};
+use sluice_host::engine::{Ending, Engine, Shutdown};
 
 use crate::harness::{self, BrokerProcess, Running, host};
 use crate::mock_kafka::MockKafka;
@@ -66,6 +66,18 @@ fn job(kafka: &MockKafka, topic: &str, output: &str, group: &str) -> JobConfig {
 /// Runs `job` until the producer is done and a batch found every partition caught up, with
 /// `faults` injected on another thread meanwhile; then checks the outcome.
 async fn survive(kafka: &MockKafka, name: &str, faults: impl FnOnce(&DevBroker, &str) + Send + 'static) {
+    survive_with(kafka, name, DeliveryGuarantee::AtLeastOnce, faults).await;
+}
+
+/// [`survive`] with a delivery guarantee. With exactly-once, an aborted transaction's records
+/// stay in the log and the mock cluster's consumers do not filter them, so duplicates are
+/// allowed here; what read_committed readers see is checked on Tansu (tests/exactly_once.rs).
+async fn survive_with(
+    kafka: &MockKafka,
+    name: &str,
+    delivery: DeliveryGuarantee,
+    faults: impl FnOnce(&DevBroker, &str) + Send + 'static,
+) -> usize {
     let (topic, output) = (kafka.topic(name, PARTITIONS), kafka.topic(&format!("{name}-out"), PARTITIONS));
     let group = harness::unique(name);
     let done = Arc::new(AtomicBool::new(false));
@@ -74,10 +86,14 @@ async fn survive(kafka: &MockKafka, name: &str, faults: impl FnOnce(&DevBroker, 
         let (broker, topic) = (kafka.cluster.clone(), topic.clone());
         std::thread::spawn(move || faults(&broker, &topic))
     };
-    let engine = tokio::task::block_in_place(|| Engine::start(job(kafka, &topic, &output, &group))).unwrap();
+    let mut job = job(kafka, &topic, &output, &group);
+    job.delivery = delivery;
+    let engine = tokio::task::block_in_place(|| Engine::start(job)).unwrap();
     let (shutdown, stop) = Shutdown::manual();
+    let mut abandoned = 0;
     let summary = engine
         .run_observed(shutdown, |report| {
+            abandoned += usize::from(report.ending == Ending::Fenced);
             if done.load(Ordering::SeqCst) && faulted.is_finished() && report.caught_up {
                 let _ = stop.send(true);
             }
@@ -99,6 +115,12 @@ async fn survive(kafka: &MockKafka, name: &str, faults: impl FnOnce(&DevBroker, 
     let missing: Vec<&String> = inputs.iter().filter(|value| !counts.contains_key(value.as_str())).collect();
     let doubled: Vec<(&&str, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(missing.is_empty(), "{name}: {} inputs lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    if delivery == DeliveryGuarantee::ExactlyOnce {
+        // The mock cluster acknowledges offsets sent in a transaction without storing them (the
+        // group has none after the run); Tansu's are checked in tests/exactly_once.rs.
+        return abandoned;
+    }
+    harness::assert_committed_at_end(&kafka.brokers(), &topic, &group);
     assert!(
         doubled.is_empty(),
         "{name}: {} outputs doubled without a crash, e.g. {:?}",
@@ -106,7 +128,7 @@ async fn survive(kafka: &MockKafka, name: &str, faults: impl FnOnce(&DevBroker, 
         &doubled[..doubled.len().min(5)]
     );
     assert_eq!(outputs.len(), RECORDS);
-    harness::assert_committed_at_end(&kafka.brokers(), &topic, &group);
+    abandoned
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,6 +192,26 @@ async fn failing_fetch_produce_and_commit_requests_are_retried() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_transaction_requests_are_retried_or_aborted_and_run_again() {
+    let kafka = MockKafka::with_brokers(3);
+    let aborted = survive_with(&kafka, "transactions", DeliveryGuarantee::ExactlyOnce, |broker, _| {
+        use RDKafkaErrorCode::*;
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(300));
+            // Retriable: the same call goes again.
+            broker.push_request_errors(Api::AddPartitionsToTxn, &[ConcurrentTransactions, CoordinatorNotAvailable]);
+            broker.push_request_errors(Api::AddOffsetsToTxn, &[CoordinatorLoadInProgress]);
+            broker.push_request_errors(Api::EndTxn, &[NotCoordinator, ConcurrentTransactions]);
+            broker.push_request_errors(Api::Produce, &[NotEnoughReplicas, RequestTimedOut]);
+        }
+        // Abortable: the group commit inside the transaction is refused.
+        broker.push_request_errors(Api::TxnOffsetCommit, &[IllegalGeneration]);
+    })
+    .await;
+    assert!(aborted >= 1, "the refused offset commit aborted a transaction, and its batch ran again");
 }
 
 /// From outside, as an operator sees it: `ss -K` closes the job's TCP connections to a healthy

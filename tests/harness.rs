@@ -188,6 +188,12 @@ impl Running {
     }
 
     /// Kills the process with SIGKILL, as a machine failure would.
+    /// Everything the process logged so far.
+    pub fn drain_log(&mut self) -> &[String] {
+        self.drain();
+        &self.seen
+    }
+
     /// Kills the process (SIGKILL) and returns what it logged.
     pub fn kill(mut self) -> Vec<String> {
         self.child.kill().unwrap();

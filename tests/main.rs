@@ -17,6 +17,9 @@ mod demo;
 mod etl_in_process;
 /// `host run` as a separate process against a `host dev-broker` process.
 mod etl_process;
+/// `--delivery exactly-once` on Tansu: kills at seeded moments and at every crash point,
+/// fencing, all judged from the outputs' raw record batches.
+mod exactly_once;
 /// Broker faults through the mock cluster's fault API and from outside: every record once.
 mod faults;
 /// Rate limits, backpressure, topic discovery, lost offsets, commit failures.

@@ -186,6 +186,12 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_ON_OFFSET_OUT_OF_RANGE", value_enum)]
     pub on_offset_out_of_range: Option<OnOffsetOutOfRange>,
 
+    /// How Kafka outputs and input offsets commit [default: at-least-once]. `exactly-once`
+    /// makes each batch's outputs, dead letters and input offsets one Kafka transaction
+    /// (readers use `isolation.level=read_committed`).
+    #[arg(long, env = "SLUICE_DELIVERY", value_enum)]
+    pub delivery: Option<DeliveryGuarantee>,
+
     /// Directory of the job's checkpoint: offsets, keyed state and window panes, committed
     /// once per batch. Required for stateful and windowed plugins; a restarted job resumes
     /// from it.
@@ -386,6 +392,7 @@ impl JobOptions {
             backpressure: self.backpressure || file.backpressure,
             backpressure_min_rate: self.backpressure_min_rate.or(file.backpressure_min_rate),
             on_offset_out_of_range: self.on_offset_out_of_range.or(file.on_offset_out_of_range),
+            delivery: self.delivery.or(file.delivery),
             checkpoint: self.checkpoint.or(file.checkpoint),
             state_timeout: self.state_timeout.or(file.state_timeout),
             window: self.window.or(file.window),
@@ -452,6 +459,7 @@ pub struct JobConfig {
     pub bounds: TaskBounds,
     pub rate: RateLimits,
     pub on_offset_out_of_range: OnOffsetOutOfRange,
+    pub delivery: DeliveryGuarantee,
     pub checkpoint: Option<PathBuf>,
     pub state_timeout: Option<Duration>,
     pub window: Option<WindowSpec>,
@@ -463,6 +471,19 @@ pub struct JobConfig {
     pub output_topics: OutputTopics,
     /// This host's name in the group.
     pub instance_id: String,
+}
+
+/// How a batch's Kafka outputs and its input offsets commit (the seeds' delivery semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    /// Outputs are delivered, then offsets committed: a crash in between repeats the batch's
+    /// outputs.
+    #[default]
+    AtLeastOnce,
+    /// Outputs, dead letters and offsets are one Kafka transaction per batch: a reader with
+    /// `isolation.level=read_committed` sees each output once.
+    ExactlyOnce,
 }
 
 /// The topics a plugin's outputs may go to: the job's own output and dead-letter topics, or
@@ -693,6 +714,7 @@ impl JobConfig {
                 },
             },
             on_offset_out_of_range: options.on_offset_out_of_range.unwrap_or_default(),
+            delivery: options.delivery.unwrap_or_default(),
             checkpoint: options.checkpoint,
             state_timeout: match options.state_timeout {
                 Some(timeout) if timeout.is_zero() => {
@@ -713,6 +735,14 @@ impl JobConfig {
                         bail!("--output-topic and --postgres-table both claim the outputs without a topic: give one");
                     }
                     let mode = options.postgres_mode.unwrap_or_default();
+                    if mode == PostgresMode::Transactional && options.delivery == Some(DeliveryGuarantee::ExactlyOnce) {
+                        bail!(
+                            "--delivery exactly-once and --postgres-mode transactional each commit the input offsets \
+                             in their own transaction (Kafka's, the database's), and the two cannot commit atomically \
+                             together: use --postgres-mode upsert (idempotent rows) with exactly-once Kafka outputs, or \
+                             keep the database transactional with at-least-once Kafka outputs"
+                        );
+                    }
                     if mode == PostgresMode::Upsert && options.postgres_keys.is_empty() {
                         bail!("--postgres-mode upsert needs --postgres-key COLUMN (the conflict target)");
                     }
@@ -1044,6 +1074,20 @@ mod tests {
                 max_poison: DEFAULT_MAX_POISON_PER_TASK
             }
         );
+    }
+
+    #[test]
+    fn exactly_once_comes_from_the_job_file_and_refuses_the_databases_transactions() {
+        let base = "plugin = \"p.wasm\"\ntopics = [\"t\"]\ngroup = \"g\"\ndelivery = \"exactly-once\"\n";
+        let job = JobConfig::from_options(file(base).unwrap()).unwrap();
+        assert_eq!(job.delivery, DeliveryGuarantee::ExactlyOnce);
+        let with_table = format!("{base}postgres = \"host=db\"\npostgres-table = \"rows\"\n");
+        let error = JobConfig::from_options(file(&with_table).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("cannot commit atomically"), "{error}");
+        let upsert = format!("{with_table}postgres-mode = \"upsert\"\npostgres-keys = [\"id\"]\n");
+        assert!(JobConfig::from_options(file(&upsert).unwrap()).is_ok(), "idempotent rows combine with it");
+        let default = "plugin = \"p.wasm\"\ntopics = [\"t\"]\ngroup = \"g\"\n";
+        assert_eq!(JobConfig::from_options(file(default).unwrap()).unwrap().delivery, DeliveryGuarantee::AtLeastOnce);
     }
 
     #[test]

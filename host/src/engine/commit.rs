@@ -6,16 +6,19 @@
 //! starts). The group is the authority on where a partition continues — in a group of several
 //! hosts the local checkpoint cannot know what another host committed — so it commits first.
 //! A crash between the two leaves a plan whose offsets the group already holds; the next run
-//! replays it without delivering, to rebuild only its state changes (docs/adr/0007).
+//! replays it without delivering, to rebuild only its state changes (docs/adr/0007). With
+//! `--delivery exactly-once` the group's offsets go into the batch's Kafka transaction, whose
+//! commit takes the group commit's place (docs/adr/0008).
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::failpoint;
 use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::PluginIdentity;
-use crate::source::{CommitError, CommitMetadata, KafkaSource};
+use crate::sinks::{KafkaSink, TransactionError};
+use crate::source::{CommitError, CommitMetadata, KafkaSource, offset_list};
 
 /// How the group commit ended.
 pub enum GroupCommit {
@@ -35,14 +38,8 @@ pub fn commit_group(
     plugin: &PluginIdentity,
     applied_starts: &BTreeMap<TopicPartition, i64>,
 ) -> Result<GroupCommit> {
-    let ends: Vec<(TopicPartition, i64)> = ranges.iter().map(|range| (range.partition.clone(), range.until)).collect();
-    let build = plugin.digest[..plugin.digest.len().min(12)].to_string();
-    let metadata = |partition: &TopicPartition| CommitMetadata {
-        batch: batch_time,
-        start: applied_starts.get(partition).copied(),
-        member: member.to_string(),
-        build: build.clone(),
-    };
+    let ends = ends_of(ranges);
+    let metadata = identity(batch_time, member, plugin, applied_starts);
     match source.commit(&ends, metadata) {
         Ok(()) => {
             failpoint::reached("commit");
@@ -52,5 +49,52 @@ pub fn commit_group(
             Ok(GroupCommit::Fenced(format!("fenced: the consumer group gave {partitions} to another member ({cause})")))
         }
         Err(CommitError::Failed(error)) => Err(error.context(format!("batch {batch_time} ms"))),
+    }
+}
+
+/// With `--delivery exactly-once`: sends the ranges' ends (with the same metadata as a group
+/// commit) to the open Kafka transaction and commits it, so the batch's outputs and its input
+/// offsets become visible together. A batch that read nothing and sent nothing has nothing to
+/// commit.
+#[allow(clippy::too_many_arguments)]
+pub fn commit_transaction(
+    sink: &mut KafkaSink,
+    source: &KafkaSource,
+    ranges: &[OffsetRange],
+    advanced: bool,
+    batch_time: i64,
+    member: &str,
+    plugin: &PluginIdentity,
+    applied_starts: &BTreeMap<TopicPartition, i64>,
+) -> Result<(), TransactionError> {
+    if !advanced && !sink.transaction_open() {
+        return Ok(());
+    }
+    let group =
+        source.group_metadata().context("the consumer has no group metadata to send offsets in a transaction")?;
+    let offsets = offset_list(&ends_of(ranges), identity(batch_time, member, plugin, applied_starts))?;
+    sink.commit(&offsets, &group)?;
+    failpoint::reached("commit");
+    Ok(())
+}
+
+fn ends_of(ranges: &[OffsetRange]) -> Vec<(TopicPartition, i64)> {
+    ranges.iter().map(|range| (range.partition.clone(), range.until)).collect()
+}
+
+/// The metadata a batch commits beside each partition's offset: its time, the member, the
+/// plugin build and the partition's applied `--start`.
+fn identity<'a>(
+    batch_time: i64,
+    member: &'a str,
+    plugin: &PluginIdentity,
+    applied_starts: &'a BTreeMap<TopicPartition, i64>,
+) -> impl Fn(&TopicPartition) -> CommitMetadata + 'a {
+    let build = plugin.digest[..plugin.digest.len().min(12)].to_string();
+    move |partition| CommitMetadata {
+        batch: batch_time,
+        start: applied_starts.get(partition).copied(),
+        member: member.to_string(),
+        build: build.clone(),
     }
 }

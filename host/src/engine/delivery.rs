@@ -81,7 +81,7 @@ impl Delivery<'_> {
                 });
             }
         }
-        undelivered.extend(self.kafka.send_all(outputs, |index| allowed[index])?);
+        undelivered.extend(self.send_outputs(outputs, &allowed)?);
         let mut delivered = Delivered::default();
         let mut letters = dead_letters;
         for failed in undelivered {
@@ -101,9 +101,38 @@ impl Delivery<'_> {
                 Some(letter) => letters.push(letter),
                 None => delivered.skipped += 1,
             }
+            allowed[failed.index] = false;
         }
-        delivered.dead_letters = self.send_dead_letters(letters)?;
+        delivered.dead_letters = self.send_dead_letters(letters, Some((outputs, &allowed)))?;
         Ok(delivered)
+    }
+
+    /// Sends the `allowed` outputs and returns those the brokers refused. In a transaction a
+    /// refused record makes the whole transaction abortable, so it is aborted and the rest sent
+    /// again in a fresh one, until a round has no new refusal.
+    fn send_outputs(&mut self, outputs: &[OutputRecord], allowed: &[bool]) -> Result<Vec<Undelivered>> {
+        let mut refused: Vec<Undelivered> = Vec::new();
+        for round in 1.. {
+            let fresh =
+                self.kafka.send_all(outputs, |index| allowed[index] && !refused.iter().any(|u| u.index == index))?;
+            let again = self.kafka.transactional() && !fresh.is_empty();
+            refused.extend(fresh);
+            if !again {
+                break;
+            }
+            if round == MAX_TRANSACTION_ROUNDS {
+                bail!("outputs are still refused after {round} transactions; the batch is not committed");
+            }
+            tracing::warn!(
+                "batch {} ms: {} output(s) refused; aborting the transaction and sending the others again",
+                self.batch_time,
+                refused.len()
+            );
+            self.kafka.abort()?;
+            self.kafka.begin()?;
+        }
+        refused.sort_by_key(|u| u.index);
+        Ok(refused)
     }
 
     /// Handles rows the database refused (by index among `rows`): dead-lettered, skipped or
@@ -131,7 +160,7 @@ impl Delivery<'_> {
                 None => delivered.skipped += 1,
             }
         }
-        delivered.dead_letters = self.send_dead_letters(letters)?;
+        delivered.dead_letters = self.send_dead_letters(letters, None)?;
         Ok(delivered)
     }
 
@@ -141,40 +170,84 @@ impl Delivery<'_> {
     }
 
     /// Sends dead letters; one the brokers refuse is sent again without its value (which is
-    /// what they refused, normally), and one refused even so stops the job.
-    fn send_dead_letters(&mut self, letters: Vec<DeadLetter>) -> Result<usize> {
+    /// what they refused, normally), and one refused even so stops the job. In a transaction
+    /// the refusal aborts it: the batch's outputs (`resend`: the `allowed` of the outputs) and
+    /// letters go again in a fresh one.
+    fn send_dead_letters(
+        &mut self,
+        letters: Vec<DeadLetter>,
+        resend: Option<(&[OutputRecord], &[bool])>,
+    ) -> Result<usize> {
         if letters.is_empty() {
             return Ok(0);
         }
-        let refused = self.kafka.send_all(&letters, |_| true).context("cannot send dead letters")?;
-        if refused.is_empty() {
-            return Ok(letters.len());
-        }
         let count = letters.len();
         let mut letters: Vec<Option<DeadLetter>> = letters.into_iter().map(Some).collect();
-        let retry: Vec<DeadLetter> = refused
-            .iter()
-            .map(|failed| without_value(letters[failed.index].take().expect("each refused once"), &failed.reason))
-            .collect();
-        for failed in &refused {
-            tracing::warn!(
-                "a dead letter for `{}` was refused ({}); sending it without its value",
-                failed.topic,
-                failed.reason
-            );
+        let mut stripped = vec![false; count];
+        loop {
+            let sending: Vec<&DeadLetter> = letters.iter().flatten().collect();
+            let refused = self.kafka.send_all(&sending, |_| true).context("cannot send dead letters")?;
+            if refused.is_empty() {
+                return Ok(count);
+            }
+            // `refused` indexes `sending`, which is every letter in order.
+            for failed in &refused {
+                if stripped[failed.index] {
+                    bail!(
+                        "batch {} ms: cannot deliver a dead letter to `{}` even without its value: {}",
+                        self.batch_time,
+                        failed.topic,
+                        failed.reason
+                    );
+                }
+                tracing::warn!(
+                    "a dead letter for `{}` was refused ({}); sending it without its value",
+                    failed.topic,
+                    failed.reason
+                );
+                let letter = letters[failed.index].take().expect("each refused once");
+                letters[failed.index] = Some(without_value(letter, &failed.reason));
+                stripped[failed.index] = true;
+            }
+            if self.kafka.transactional() {
+                let Some((outputs, allowed)) = resend else {
+                    bail!(
+                        "batch {} ms: a dead letter was refused inside the batch's Kafka transaction, after its outputs \
+                         went out; the batch is not committed",
+                        self.batch_time
+                    );
+                };
+                self.kafka.abort()?;
+                self.kafka.begin()?;
+                let refused = self.kafka.send_all(outputs, |index| allowed[index])?;
+                if let Some(failed) = refused.first() {
+                    bail!(
+                        "batch {} ms: an output for `{}` was refused when sent again: {}",
+                        self.batch_time,
+                        failed.topic,
+                        failed.reason
+                    );
+                }
+                continue;
+            }
+            // Without a transaction what was delivered stays delivered: only the stripped go.
+            let retry: Vec<&DeadLetter> =
+                letters.iter().zip(&stripped).filter(|(_, s)| **s).filter_map(|(l, _)| l.as_ref()).collect();
+            if let Some(failed) = self.kafka.send_all(&retry, |_| true)?.first() {
+                bail!(
+                    "batch {} ms: cannot deliver a dead letter to `{}` even without its value: {}",
+                    self.batch_time,
+                    failed.topic,
+                    failed.reason
+                );
+            }
+            return Ok(count);
         }
-        let refused_again = self.kafka.send_all(&retry, |_| true)?;
-        if let Some(failed) = refused_again.first() {
-            bail!(
-                "batch {} ms: cannot deliver a dead letter to `{}` even without its value: {}",
-                self.batch_time,
-                failed.topic,
-                failed.reason
-            );
-        }
-        Ok(count)
     }
 }
+
+/// Transactions a batch's delivery may abort and start again because brokers refused records.
+const MAX_TRANSACTION_ROUNDS: usize = 3;
 
 #[cfg(test)]
 mod tests {

@@ -33,11 +33,11 @@ use crate::admin::AdminServer;
 use crate::checkpoint::{
     BatchChanges, BatchCommit, Builds, Checkpoint, HeldChanges, PendingBatch, PluginRun, Resume, StateView,
 };
-use crate::config::{JobConfig, PostgresMode};
+use crate::config::{DeliveryGuarantee, JobConfig, PostgresMode};
 use crate::control::{Status, UpgradeOutcome};
 use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
-use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks};
+use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks, TransactionError};
 use crate::source::{Committed, KafkaSource, Lost, Unreadable, join};
 use crate::{failpoint, panics};
 use assignment::{Positions, Replay, reconcile};
@@ -327,7 +327,7 @@ impl Engine {
             tracing::warn!("no --output-topic or --print: only outputs that name their own topic go anywhere");
         }
         let sinks = Sinks {
-            kafka: KafkaSink::new(&client, job.output_topic.clone(), job.broker_timeout)?,
+            kafka: KafkaSink::new(&client, job.output_topic.clone(), job.broker_timeout, transactional_id(&job))?,
             print: job.print.map(PrintSink::new),
             postgres,
         };
@@ -615,6 +615,10 @@ impl Engine {
         if self.on_probation() {
             self.roll_back(batch_time, reason, None);
         }
+        // With exactly-once delivery nothing of the batch becomes visible.
+        if let Err(error) = self.sinks.kafka.abort() {
+            tracing::warn!("cannot abort the transaction of batch {batch_time} ms: {error}");
+        }
         self.replays.clear();
         self.reposition = true;
     }
@@ -842,6 +846,9 @@ impl Engine {
         ranges: &[OffsetRange],
     ) -> Result<Result<Delivered, String>> {
         let policy = self.on_failure();
+        if !outputs.is_empty() || !dead_letters.is_empty() {
+            self.sinks.kafka.begin()?;
+        }
         let mut delivery = Delivery {
             kafka: &mut self.sinks.kafka,
             print: self.sinks.print.as_mut(),
@@ -889,7 +896,26 @@ impl Engine {
             Some(probation) => probation.ends(&plan.ranges),
             None => plan.ranges.clone(),
         };
-        if work.deliver {
+        if work.deliver && self.sinks.kafka.transactional() {
+            let advanced = group_ranges.iter().any(|range| range.until > range.from);
+            match commit::commit_transaction(
+                &mut self.sinks.kafka,
+                &self.source,
+                &group_ranges,
+                advanced,
+                batch_time,
+                &self.job.instance_id,
+                self.plugin.identity(),
+                &self.positions.applied_starts,
+            ) {
+                Ok(()) => {}
+                Err(TransactionError::Aborted(cause)) => {
+                    self.abandon(batch_time, &format!("its Kafka transaction was aborted ({cause}); it runs again"));
+                    return Ok(Ending::Fenced);
+                }
+                Err(error) => return Err(anyhow::Error::from(error).context(format!("batch {batch_time} ms"))),
+            }
+        } else if work.deliver {
             let group = commit::commit_group(
                 &mut self.source,
                 &group_ranges,
@@ -1382,4 +1408,10 @@ fn log_batch(report: &BatchReport, member: &str) {
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The transactional id of `--delivery exactly-once`: stable per job and member, so a restarted
+/// host fences its previous incarnation and aborts the transaction it left open.
+fn transactional_id(job: &JobConfig) -> Option<String> {
+    (job.delivery == DeliveryGuarantee::ExactlyOnce).then(|| format!("sluice-{}-{}", job.group, job.instance_id))
 }

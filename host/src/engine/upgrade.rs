@@ -261,6 +261,11 @@ impl Engine {
             .map(|plan| Replay { batch_time: plan.batch_time, ranges: plan.ranges, deliver: true, build: None })
             .collect();
         let (from, to) = (self.plugin.identity().to_string(), new.identity().to_string());
+        // With exactly-once delivery the held batches' outputs are one open transaction:
+        // aborted, no reader ever sees them.
+        if let Err(error) = self.sinks.kafka.abort() {
+            tracing::warn!("cannot abort the transaction of the batches on probation: {error}");
+        }
         tracing::warn!(
             "batch {batch_time} ms: rolling back from {to} to {from}, which runs {} batches of it again: {reason}",
             again.len()

@@ -1,4 +1,6 @@
-//! The Kafka sink: one idempotent producer shared by every partition task of the job.
+//! The Kafka sink: one idempotent producer shared by every partition task of the job, and with
+//! `--delivery exactly-once` a transactional one: a batch's outputs, dead letters and input
+//! offsets are one Kafka transaction.
 //!
 //! A record the brokers refuse (too large, a topic that cannot be written) is reported back
 //! with its position in the batch, so the engine can apply the job's failure policy to that
@@ -11,10 +13,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use rdkafka::bindings as rdsys;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedHeaders, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 
 use super::Outgoing;
 
@@ -25,6 +28,33 @@ const DELIVERY_POLL: Duration = Duration::from_millis(1);
 pub struct KafkaSink {
     producer: BaseProducer<DeliveryTracker>,
     default_topic: Option<String>,
+    /// With `--delivery exactly-once`: the transactional id, and whether a transaction is open.
+    transactions: Option<Transactions>,
+}
+
+struct Transactions {
+    id: String,
+    open: bool,
+    /// How long one transactional call may take (`--broker-timeout`).
+    timeout: Duration,
+}
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    /// The transaction was aborted (a refused output, a rebalance that fenced the group
+    /// metadata, a coordinator error): nothing of it is visible; the batch runs again.
+    #[error("the Kafka transaction was aborted: {0}")]
+    Aborted(String),
+    /// Another producer with this transactional id started (a restarted or second instance):
+    /// this one must stop.
+    #[error(
+        "fenced: another instance with transactional id `{id}` took over (a restarted or duplicate host with the \
+         same --group and --instance-id): {cause}"
+    )]
+    Fenced { id: String, cause: String },
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
 }
 
 /// An output the brokers did not take.
@@ -57,16 +87,119 @@ impl ProducerContext for DeliveryTracker {
 impl KafkaSink {
     /// A producer on the job's client configuration. `default_topic` receives outputs that do
     /// not name a topic; without one such outputs only reach the print sink.
-    pub fn new(client: &ClientConfig, default_topic: Option<String>, delivery_timeout: Duration) -> Result<KafkaSink> {
+    pub fn new(
+        client: &ClientConfig,
+        default_topic: Option<String>,
+        delivery_timeout: Duration,
+        transactional_id: Option<String>,
+    ) -> Result<KafkaSink> {
         let mut config = client.clone();
         // Retries must not duplicate or reorder outputs.
         config.set("enable.idempotence", "true");
         if config.get("message.timeout.ms").is_none() {
             config.set("message.timeout.ms", delivery_timeout.as_millis().to_string());
         }
-        let producer =
+        let transactions = transactional_id.map(|id| Transactions { id, open: false, timeout: delivery_timeout });
+        if let Some(transactions) = &transactions {
+            config.set("transactional.id", &transactions.id);
+            // A transaction left open by a host that died is aborted by the coordinator after
+            // this long, unless a restarted instance fences it earlier.
+            if config.get("transaction.timeout.ms").is_none() {
+                config.set("transaction.timeout.ms", "60000");
+            }
+        }
+        let producer: BaseProducer<DeliveryTracker> =
             config.create_with_context(DeliveryTracker::default()).context("cannot create the Kafka producer")?;
-        Ok(KafkaSink { producer, default_topic })
+        if let Some(transactions) = &transactions {
+            // Fences the previous incarnation of this id and aborts its open transaction.
+            producer.init_transactions(delivery_timeout).map_err(|error| {
+                anyhow::Error::from(error).context(format!(
+                    "cannot start transactions with transactional id `{}` (--delivery exactly-once needs brokers \
+                     with transactions)",
+                    transactions.id
+                ))
+            })?;
+            tracing::info!("exactly-once delivery: transactional id `{}`", transactions.id);
+        }
+        Ok(KafkaSink { producer, default_topic, transactions })
+    }
+
+    /// Whether outputs go out in transactions (`--delivery exactly-once`).
+    pub fn transactional(&self) -> bool {
+        self.transactions.is_some()
+    }
+
+    /// The producer's fatal error, when another instance with its transactional id fenced it
+    /// (librdkafka then purges everything queued).
+    fn fenced(&self) -> Option<TransactionError> {
+        let id = &self.transactions.as_ref()?.id;
+        let (code, reason) = self.producer.client().fatal_error()?;
+        Some(TransactionError::Fenced { id: id.clone(), cause: format!("{code:?}: {reason}") })
+    }
+
+    /// Whether a transaction is open.
+    pub fn transaction_open(&self) -> bool {
+        self.transactions.as_ref().is_some_and(|transactions| transactions.open)
+    }
+
+    /// Opens a transaction unless one is open (a build on probation keeps one open across the
+    /// batches it holds). Without transactions, nothing.
+    pub fn begin(&mut self) -> Result<(), TransactionError> {
+        let Some(transactions) = &mut self.transactions else { return Ok(()) };
+        if transactions.open {
+            return Ok(());
+        }
+        self.producer.begin_transaction().map_err(|error| classify(&transactions.id, error))?;
+        transactions.open = true;
+        Ok(())
+    }
+
+    /// Adds `offsets` (with their metadata) to the open transaction as the consumer group's
+    /// commit and commits the transaction: outputs and offsets become visible together.
+    pub fn commit(
+        &mut self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), TransactionError> {
+        let transactions = self.transactions.as_mut().context("no transactions without --delivery exactly-once")?;
+        if !transactions.open {
+            self.producer.begin_transaction().map_err(|error| classify(&transactions.id, error))?;
+            transactions.open = true;
+        }
+        let (id, timeout) = (transactions.id.clone(), transactions.timeout);
+        let result = retried(|| self.producer.send_offsets_to_transaction(offsets, group, timeout))
+            .and_then(|()| retried(|| self.producer.commit_transaction(timeout)));
+        match result {
+            Ok(()) => {
+                self.transactions.as_mut().expect("checked").open = false;
+                Ok(())
+            }
+            Err(error) => Err(self.after_failure(&id, error)),
+        }
+    }
+
+    /// Aborts the open transaction, if any: none of its records become visible.
+    pub fn abort(&mut self) -> Result<(), TransactionError> {
+        let Some(transactions) = &mut self.transactions else { return Ok(()) };
+        if !transactions.open {
+            return Ok(());
+        }
+        let (id, timeout) = (transactions.id.clone(), transactions.timeout);
+        retried(|| self.producer.abort_transaction(timeout)).map_err(|error| classify(&id, error))?;
+        self.transactions.as_mut().expect("checked").open = false;
+        Ok(())
+    }
+
+    /// A failed transactional call: abortable errors abort (and report `Aborted`), fatal ones
+    /// (fencing) are reported as such.
+    fn after_failure(&mut self, id: &str, error: KafkaError) -> TransactionError {
+        match classify(id, error) {
+            TransactionError::Aborted(cause) => match self.abort() {
+                Ok(()) => TransactionError::Aborted(cause),
+                Err(error) => error,
+            },
+            other => other,
+        }
     }
 
     /// Where an output goes: its own topic, else the job's output topic.
@@ -127,6 +260,9 @@ impl KafkaSink {
         }
         let failures = std::mem::take(&mut *self.producer.context().failures.lock().expect("not poisoned"));
         for (index, error) in failures {
+            if let Some(fenced) = self.fenced() {
+                return Err(fenced.into());
+            }
             if !is_record_level(&error) {
                 bail!("the Kafka producer failed: {error}");
             }
@@ -144,6 +280,32 @@ impl KafkaSink {
         while self.producer.in_flight_count() > 0 {
             self.producer.poll(DELIVERY_POLL);
         }
+    }
+}
+
+/// Runs a transactional call again while librdkafka says the error is retriable (a
+/// coordinator moving, a timeout).
+fn retried(mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    let mut attempts = 0;
+    loop {
+        match call() {
+            Err(KafkaError::Transaction(error)) if error.is_retriable() && attempts < 5 => {
+                attempts += 1;
+                tracing::warn!("transactional call failed ({error}); retrying");
+                std::thread::sleep(Duration::from_millis(100 << attempts.min(4)));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn classify(id: &str, error: KafkaError) -> TransactionError {
+    match &error {
+        KafkaError::Transaction(inner) if inner.is_fatal() => {
+            TransactionError::Fenced { id: id.to_string(), cause: inner.to_string() }
+        }
+        KafkaError::Transaction(inner) if inner.txn_requires_abort() => TransactionError::Aborted(inner.to_string()),
+        _ => TransactionError::Failed(anyhow::Error::from(error).context(format!("Kafka transaction of `{id}`"))),
     }
 }
 

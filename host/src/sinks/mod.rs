@@ -7,7 +7,7 @@ mod kafka;
 mod postgres;
 mod print;
 
-pub use kafka::{KafkaSink, Undelivered};
+pub use kafka::{KafkaSink, TransactionError, Undelivered};
 pub use postgres::{PostgresSink, RejectedRow, WriteError, Written};
 pub use print::PrintSink;
 
@@ -23,6 +23,24 @@ pub trait Outgoing {
     fn header_count(&self) -> usize;
     /// Calls `f` with each header's name and value, in order.
     fn for_each_header(&self, f: impl FnMut(&[u8], Option<&[u8]>));
+}
+
+impl<T: Outgoing> Outgoing for &T {
+    fn topic(&self) -> Option<&str> {
+        (*self).topic()
+    }
+    fn key(&self) -> Option<&[u8]> {
+        (*self).key()
+    }
+    fn value(&self) -> Option<&[u8]> {
+        (*self).value()
+    }
+    fn header_count(&self) -> usize {
+        (*self).header_count()
+    }
+    fn for_each_header(&self, f: impl FnMut(&[u8], Option<&[u8]>)) {
+        (*self).for_each_header(f)
+    }
 }
 
 impl Outgoing for OutputRecord {

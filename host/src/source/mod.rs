@@ -570,12 +570,7 @@ impl KafkaSource {
                 cause: "this member's session expired and the partitions were reassigned".into(),
             });
         }
-        let mut offsets = TopicPartitionList::new();
-        for (partition, end) in ends {
-            let mut element = offsets.add_partition(&partition.topic, partition.partition);
-            element.set_offset(Offset::Offset(*end)).map_err(anyhow::Error::from)?;
-            element.set_metadata(metadata(partition).encode());
-        }
+        let offsets = offset_list(ends, metadata)?;
         let started = Instant::now();
         let deadline = started + self.broker_timeout;
         let mut attempt = 1;
@@ -857,6 +852,20 @@ impl Drop for KafkaSource {
 
 /// How long a stopping job waits for its consumer to leave the group.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `ends` as a librdkafka offset list, each with its commit `metadata`.
+pub fn offset_list(
+    ends: &[(TopicPartition, i64)],
+    metadata: impl Fn(&TopicPartition) -> CommitMetadata,
+) -> Result<TopicPartitionList> {
+    let mut offsets = TopicPartitionList::new();
+    for (partition, end) in ends {
+        let mut element = offsets.add_partition(&partition.topic, partition.partition);
+        element.set_offset(Offset::Offset(*end)).with_context(|| format!("offset {end} of {partition}"))?;
+        element.set_metadata(metadata(partition).encode());
+    }
+    Ok(offsets)
+}
 
 /// Runs a broker request until it succeeds or `timeout` has passed, logging each failure, so a
 /// broker that is briefly away does not stop the job.

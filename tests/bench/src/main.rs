@@ -13,7 +13,7 @@ mod quix;
 mod report;
 mod sluice;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -145,13 +145,18 @@ fn main() -> Result<()> {
         eprintln!("loading {} ETL lines", args.records);
         let etl_in = Topic { name: "etl-in", partitions: args.etl_partitions };
         broker.load(etl_in, args.records, input::etl_line)?;
-        let unbounded;
-        (native_etl, sluice_etl, unbounded) = bench.etl_pair(etl_in)?;
+        let etl = bench.etl_pair(etl_in)?;
+        (native_etl, sluice_etl) = (etl.native, etl.sluice);
         let rows = [
             ("native baseline (rdkafka, no Wasm)", native_etl),
             (report::SLUICE_ETL, sluice_etl),
-            ("Sluice with `--task-deadline off`", unbounded),
+            ("Sluice with `--task-deadline off`", etl.unbounded),
+            (report::SLUICE_ETL_EXACTLY_ONCE, etl.exactly_once),
         ];
+        report.exactly_once = Some(report::ExactlyOnceCost {
+            rate: etl.exactly_once / etl.sluice,
+            commit_ms: (etl.commit_ms, etl.exactly_once_commit_ms),
+        });
         for (runner, rate) in rows {
             report.rows.push(Row::new("ETL", runner, args.records, rate, native_etl));
         }
@@ -203,6 +208,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Records/s of the ETL runners, and the median deliver + commit time per batch (ms).
+struct EtlRates {
+    native: f64,
+    sluice: f64,
+    unbounded: f64,
+    exactly_once: f64,
+    commit_ms: f64,
+    exactly_once_commit_ms: f64,
+}
+
 /// The runs, against one broker.
 struct Bench<'a> {
     broker: &'a Broker,
@@ -246,13 +261,19 @@ impl Bench<'_> {
         .collect()
     }
 
-    /// ETL through the native baseline, through Sluice, and through Sluice with unbounded
-    /// plugin calls (no epoch checks), alternating; median records/s of each.
-    fn etl_pair(&self, input: Topic<'_>) -> Result<(f64, f64, f64)> {
+    /// ETL through the native baseline, through Sluice, through Sluice with unbounded plugin
+    /// calls (no epoch checks) and through Sluice with `--delivery exactly-once`, alternating;
+    /// median records/s of each, and the median per-batch deliver + commit time of the two
+    /// delivery guarantees.
+    fn etl_pair(&self, input: Topic<'_>) -> Result<EtlRates> {
         let valid = input::etl_valid_count(self.args.records);
         let ends = self.broker.log_ends(input.name)?;
         let batching = self.batching(input);
-        let (mut native, mut sluice, mut unbounded) = (Vec::new(), Vec::new(), Vec::new());
+        let mut native = Vec::new();
+        // Per Sluice variant (by its name suffix): records/s, and deliver + commit ms per batch.
+        let variants: [(&str, &[&str]); 3] =
+            [("", &[]), ("-off", &["--task-deadline", "off"]), ("-eos", &["--delivery", "exactly-once"])];
+        let mut measured: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
         for round in 0..self.args.repeat.max(1) {
             if self.args.sluice_only {
                 native.push(f64::NAN);
@@ -269,25 +290,37 @@ impl Bench<'_> {
                 native.push(rate(run.records, run.elapsed));
             }
 
-            for (deadline, rates) in [(None, &mut sluice), (Some("off"), &mut unbounded)] {
-                eprintln!("ETL round {}: Sluice{}", round + 1, if deadline.is_some() { ", no deadline" } else { "" });
-                let suffix = if deadline.is_some() { "-off" } else { "" };
+            for (suffix, extra) in variants {
+                eprintln!("ETL round {}: Sluice{suffix}", round + 1);
                 let (output, group) =
                     (format!("etl-sluice{suffix}-out-{round}"), format!("etl-sluice{suffix}-{round}"));
                 self.broker.create_topic(Topic { name: &output, ..input })?;
                 let mut flags = self.flags(sluice_plugin_artifacts::ETL, batching, input.name, &output, &group);
-                if let Some(deadline) = deadline {
-                    flags.extend(["--task-deadline".to_string(), deadline.to_string()]);
-                }
+                flags.extend(extra.iter().map(|flag| flag.to_string()));
                 let run = sluice::run(&flags)?;
                 ensure!(run.summary.outputs == valid, "Sluice ETL: {} outputs, expected {valid}", run.summary.outputs);
                 ensure!(run.summary.rejected == self.args.records - valid, "Sluice ETL: wrong rejection count");
                 ensure!(self.broker.count(&output)? == valid, "Sluice ETL: wrong output count in the topic");
-                ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not at the end");
+                // The mock cluster acknowledges offsets sent in a transaction without storing
+                // them; the exactly-once run's offsets are checked on Tansu by the tests.
+                if suffix != "-eos" {
+                    ensure!(self.broker.committed(&group, input.name)? == ends, "Sluice ETL: offsets not at the end");
+                }
+                let per_batch: Vec<f64> = run
+                    .batches
+                    .iter()
+                    .filter(|batch| batch.records_in > 0)
+                    .map(|batch| (batch.phases.deliver + batch.phases.commit).as_secs_f64() * 1000.0)
+                    .collect();
+                let (rates, commits) = measured.entry(suffix).or_default();
                 rates.push(rate(run.summary.records_in, run.elapsed));
+                commits.push(median(per_batch));
             }
         }
-        Ok((median(native), median(sluice), median(unbounded)))
+        let mut take = |suffix| measured.remove(suffix).map(|(r, c)| (median(r), median(c))).unwrap_or_default();
+        let ((sluice, commit_ms), (unbounded, _), (exactly_once, exactly_once_commit_ms)) =
+            (take(""), take("-off"), take("-eos"));
+        Ok(EtlRates { native: median(native), sluice, unbounded, exactly_once, commit_ms, exactly_once_commit_ms })
     }
 
     /// Word count with a checkpoint every batch, native and Sluice; state checked exactly.
