@@ -1,11 +1,11 @@
 //! Test harness: brokers as processes, `host` runs with captured output, independent clients.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -601,4 +601,46 @@ fn postgres_bin_dir() -> std::path::PathBuf {
         .collect();
     versions.sort();
     versions.pop().expect("no PostgreSQL version with initdb under /usr/lib/postgresql")
+}
+
+// Several hosts in one group, watched through their logs.
+
+/// The partitions `running` owns now, from its assignment log lines.
+pub fn owned(running: &mut Running) -> BTreeSet<String> {
+    running.drain();
+    let partition = regex::Regex::new(r"[\w.-]+:\d+").unwrap();
+    let mut owned = BTreeSet::new();
+    for line in &running.seen {
+        let Some((_, change)) = line.split_once(": assigned ").map(|(a, b)| (a, (true, b))).or_else(|| {
+            line.split_once(": revoked ").or_else(|| line.split_once(": lost ")).map(|(a, b)| (a, (false, b)))
+        }) else {
+            continue;
+        };
+        let (added, list) = change;
+        let list = list.split(" (").next().unwrap_or_default();
+        for found in partition.find_iter(list) {
+            if added {
+                owned.insert(found.as_str().to_string());
+            } else {
+                owned.remove(found.as_str());
+            }
+        }
+    }
+    owned
+}
+
+/// Records `running` (a member named `host-N`) has processed so far, from its batch log lines.
+pub fn records_in(running: &mut Running) -> usize {
+    running.drain();
+    let batch = regex::Regex::new(r"^.*batch \d+ ms on host-\d+[^:]*: (\d+) in").unwrap();
+    running.seen.iter().filter_map(|line| batch.captures(line)).map(|c| c[1].parse::<usize>().unwrap()).sum()
+}
+
+/// Waits until `done` holds, checking every 100 ms, for two minutes at most.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(120), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

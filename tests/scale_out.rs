@@ -6,9 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::harness::{BrokerProcess, Input, Running, consume, etl_case, host, offsets, produce, run_host, unique};
+use crate::harness::{
+    BrokerProcess, Input, Running, consume, etl_case, host, offsets, owned, produce, records_in, run_host, unique,
+    wait_until,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// Records one batch takes from one partition, at most (rate 100/s × 200 ms): bounds what a
@@ -24,46 +27,6 @@ fn etl_host(brokers: &str, topic: &str, output: &str, group: &str, n: usize) -> 
         .args(["--auto-offset-reset", "earliest", "--batch-interval", "200ms", "--kafka", "fetch.wait.max.ms=20"])
         .args(["--max-rate-per-partition", "100"]);
     command
-}
-
-/// The partitions `running` owns now, from its assignment log lines.
-fn owned(running: &mut Running) -> BTreeSet<String> {
-    running.drain();
-    let partition = regex::Regex::new(r"[\w.-]+:\d+").unwrap();
-    let mut owned = BTreeSet::new();
-    for line in &running.seen {
-        let Some((_, change)) = line.split_once(": assigned ").map(|(a, b)| (a, (true, b))).or_else(|| {
-            line.split_once(": revoked ").or_else(|| line.split_once(": lost ")).map(|(a, b)| (a, (false, b)))
-        }) else {
-            continue;
-        };
-        let (added, list) = change;
-        let list = list.split(" (").next().unwrap_or_default();
-        for found in partition.find_iter(list) {
-            if added {
-                owned.insert(found.as_str().to_string());
-            } else {
-                owned.remove(found.as_str());
-            }
-        }
-    }
-    owned
-}
-
-/// Records `running` has processed so far, from its batch log lines.
-fn records_in(running: &mut Running) -> usize {
-    running.drain();
-    let batch = regex::Regex::new(r"^.*batch \d+ ms on host-\d+[^:]*: (\d+) in").unwrap();
-    running.seen.iter().filter_map(|line| batch.captures(line)).map(|c| c[1].parse::<usize>().unwrap()).sum()
-}
-
-/// Waits until `done` holds, checking every 100 ms, for `LIMIT` at most.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < LIMIT, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn caught_up(brokers: &str, topic: &str, group: &str) -> bool {

@@ -10,8 +10,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 
 use crate::harness::{
-    Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_view, etl_case, host, offsets,
-    produce_one_by_one, run_host, unique,
+    Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_view, etl_case, host, offsets, owned,
+    produce_one_by_one, records_in, run_host, unique, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,39 +77,6 @@ fn etl_host(brokers: &str, topic: &str, output: &str, group: &str, n: usize) -> 
         .args(["--group", group, "--output-topic", output, "--instance-id", &format!("host-{n}")])
         .args(["--auto-offset-reset", "earliest", "--batch-interval", "200ms", "--kafka", "fetch.wait.max.ms=20"]);
     command
-}
-
-/// The partitions `running` owns now, from its assignment log lines.
-fn owned(running: &mut Running) -> BTreeSet<String> {
-    running.drain();
-    let change = regex::Regex::new(r"member host-\d+: (assigned|revoked|lost) ([^(]*)").unwrap();
-    let mut owned = BTreeSet::new();
-    for captures in running.seen.iter().filter_map(|line| change.captures(line)) {
-        for partition in captures[2].split(", ").map(str::trim) {
-            if &captures[1] == "assigned" {
-                owned.insert(partition.to_string());
-            } else {
-                owned.remove(partition);
-            }
-        }
-    }
-    owned
-}
-
-/// Records `running` has processed so far, by its batch log lines.
-fn records_in(running: &mut Running) -> usize {
-    running.drain();
-    let batch = regex::Regex::new(r"batch \d+ ms on host-\d+[^:]*: (\d+) in").unwrap();
-    running.seen.iter().filter_map(|line| batch.captures(line)).map(|c| c[1].parse::<usize>().unwrap()).sum()
-}
-
-/// Waits until `done` holds, checking every 100 ms, for `LIMIT` at most.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < LIMIT, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

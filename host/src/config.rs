@@ -16,7 +16,6 @@ use serde::{Deserialize, Deserializer};
 
 use crate::offsets::{AutoOffsetReset, OnOffsetOutOfRange, TopicPartition};
 use crate::runtime::{CpuLimit, Determinism, GrantedDir, Sandbox};
-use crate::source::TaskBounds;
 
 /// Bootstrap servers when none are given: a broker on this machine, as Kafka's tools assume.
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
@@ -471,6 +470,13 @@ pub struct JobConfig {
     pub output_topics: OutputTopics,
     /// This host's name in the group.
     pub instance_id: String,
+}
+
+/// How much one partition task may hold, whatever its planned range says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskBounds {
+    pub max_records: usize,
+    pub max_bytes: usize,
 }
 
 /// How a batch's Kafka outputs and its input offsets commit (the seeds' delivery semantics).

@@ -26,7 +26,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{JobConfig, Topics};
+use crate::config::{JobConfig, TaskBounds, Topics};
 use crate::offsets::{OffsetRange, OnOffsetOutOfRange, TopicPartition, check_in_log, plan_range};
 pub use members::{GroupView, LiveMember, MemberView, PartitionView, group_view};
 pub use membership::Change;
@@ -153,13 +153,6 @@ impl Rebalanced {
     pub fn is_empty(&self) -> bool {
         self.assigned.is_empty() && self.revoked.is_empty()
     }
-}
-
-/// How much one partition task may hold, whatever its planned range says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskBounds {
-    pub max_records: usize,
-    pub max_bytes: usize,
 }
 
 /// A batch's records: one list per range, in range order.
