@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use sluice_host::config::{JobConfig, Topics};
 use sluice_host::offsets::{AutoOffsetReset, TopicPartition};
 
-use crate::harness::etl_case;
+use crate::harness::{etl_case, sorted};
 use crate::mock_kafka::{MockKafka, Record, run};
 
 const PARTITIONS: i32 = 3;
@@ -37,11 +37,6 @@ impl Etl {
         job.output_topic = Some(self.output.clone());
         job
     }
-}
-
-fn sorted(mut values: Vec<String>) -> Vec<String> {
-    values.sort();
-    values
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -603,6 +603,17 @@ fn postgres_bin_dir() -> std::path::PathBuf {
     versions.pop().expect("no PostgreSQL version with initdb under /usr/lib/postgresql")
 }
 
+/// The values a `read_committed` reader of a correct broker sees in `topic`, sorted.
+pub fn committed_values(brokers: &str, topic: &str) -> Vec<String> {
+    sorted(committed_view(brokers, topic).records.into_iter().map(|r| r.value.unwrap()).collect())
+}
+
+/// `values`, sorted.
+pub fn sorted(mut values: Vec<String>) -> Vec<String> {
+    values.sort();
+    values
+}
+
 // Several hosts in one group, watched through their logs.
 
 /// The partitions `running` owns now, from its assignment log lines.

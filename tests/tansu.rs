@@ -10,8 +10,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 
 use crate::harness::{
-    Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_view, etl_case, host, offsets, owned,
-    produce_one_by_one, records_in, run_host, unique, wait_until,
+    Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_values, committed_view, etl_case, host,
+    offsets, owned, produce_one_by_one, records_in, run_host, sorted, unique, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -121,12 +121,11 @@ fn three_hosts_on_tansu_share_the_partitions_and_deliver_every_record_once() {
     }
     // Read from the record batches: the hosts' producer writes several records a batch, which
     // makes Tansu's high watermark (the last batch's base offset + 1) short for a consumer.
-    let view = committed_view(&broker.brokers, &output);
-    let mut delivered: Vec<String> = view.records.into_iter().map(|r| r.value.unwrap()).collect();
-    delivered.sort();
-    let mut expected = case.expected.clone();
-    expected.sort();
-    assert_eq!(delivered, expected, "every valid line exactly once");
+    assert_eq!(
+        committed_values(&broker.brokers, &output),
+        sorted(case.expected.clone()),
+        "every valid line exactly once"
+    );
     assert_committed_at_end(&broker.brokers, &topic, &group);
     eprintln!("three hosts on Tansu: settled after {settled:?}, done after {:?}", started.elapsed());
 }
@@ -164,10 +163,9 @@ fn hosts_joining_one_by_one_while_records_flow_take_over_without_stalling() {
         running.signal();
         assert_eq!(running.exit_code(), Some(0));
     }
-    let view = committed_view(&broker.brokers, &output);
-    let mut delivered: Vec<String> = view.records.into_iter().map(|r| r.value.unwrap()).collect();
-    delivered.sort();
-    let mut expected = case.expected.clone();
-    expected.sort();
-    assert_eq!(delivered, expected, "every valid line exactly once");
+    assert_eq!(
+        committed_values(&broker.brokers, &output),
+        sorted(case.expected.clone()),
+        "every valid line exactly once"
+    );
 }
