@@ -94,12 +94,14 @@ fn guest_crates(dir: &Path) -> Vec<String> {
     plugins
 }
 
-/// The target directory of the outer build: the ancestor of OUT_DIR that cargo tagged with
-/// CACHEDIR.TAG (this respects CARGO_TARGET_DIR and `--target-dir`).
+/// The target directory of the outer build: the ancestor of OUT_DIR where cargo keeps
+/// `.rustc_info.json` or its CACHEDIR.TAG (this respects CARGO_TARGET_DIR and `--target-dir`).
+/// Both, because cargo writes the tag only into a target directory it creates itself, and
+/// `tests/run` may have created `target/` first (for the Tansu broker).
 fn cargo_target_dir(out_dir: &Path) -> PathBuf {
     out_dir
         .ancestors()
-        .find(|dir| dir.join("CACHEDIR.TAG").exists())
+        .find(|dir| dir.join(".rustc_info.json").exists() || dir.join("CACHEDIR.TAG").exists())
         .unwrap_or_else(|| panic!("no cargo target directory above {}", out_dir.display()))
         .to_path_buf()
 }

@@ -21,6 +21,9 @@ use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
 
 use super::Outgoing;
 
+/// How long the coordinator lets a transaction stay open (Kafka's default).
+const DEFAULT_TRANSACTION_TIMEOUT_MS: u128 = 60_000;
+
 /// How long one wait for delivery reports blocks.
 const DELIVERY_POLL: Duration = Duration::from_millis(1);
 
@@ -103,9 +106,11 @@ impl KafkaSink {
         if let Some(transactions) = &transactions {
             config.set("transactional.id", &transactions.id);
             // A transaction left open by a host that died is aborted by the coordinator after
-            // this long, unless a restarted instance fences it earlier.
+            // this long, unless a restarted instance fences it earlier. librdkafka refuses a
+            // message timeout longer than it.
             if config.get("transaction.timeout.ms").is_none() {
-                config.set("transaction.timeout.ms", "60000");
+                let timeout = delivery_timeout.as_millis().max(DEFAULT_TRANSACTION_TIMEOUT_MS);
+                config.set("transaction.timeout.ms", timeout.to_string());
             }
         }
         let producer: BaseProducer<DeliveryTracker> =
