@@ -212,7 +212,12 @@ impl Running {
         assert!(status.success());
     }
 
-    pub fn exit_code(mut self) -> Option<i32> {
+    pub fn exit_code(self) -> Option<i32> {
+        self.finish().0
+    }
+
+    /// Waits (a minute at most) for the process to exit; its exit code and everything it logged.
+    pub fn finish(mut self) -> (Option<i32>, Vec<String>) {
         let (done, finished) = mpsc::channel();
         let mut child = self.child;
         let waiter = std::thread::spawn(move || {
@@ -227,10 +232,12 @@ impl Running {
             let tail = self.seen[self.seen.len().saturating_sub(40)..].join("\n");
             panic!("host did not exit after the signal; its last lines:\n{tail}");
         }
-        while let Ok(line) = self.lines.try_recv() {
+        let code = waiter.join().unwrap().code();
+        // The reader thread sends the last lines once the pipe closes.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.seen.push(line);
         }
-        waiter.join().unwrap().code()
+        (code, self.seen)
     }
 }
 

@@ -102,7 +102,8 @@ fn hosts_joining_leaving_and_dying_lose_nothing_and_duplicate_only_the_dead_host
     wait_until("host-2 takes a share", || records_in(&mut second) > 0);
     // Scale down, gracefully: its partitions go to host-2 at once.
     first.signal();
-    assert_eq!(first.exit_code(), Some(0));
+    let (code, first_log) = first.finish();
+    assert_eq!(code, Some(0));
     wait_until("host-2 owns everything", || owned(&mut second).len() == 12);
     let mut third = Running::start(job(3));
     wait_until("host-3 takes a share", || records_in(&mut third) > 0);
@@ -114,7 +115,8 @@ fn hosts_joining_leaving_and_dying_lose_nothing_and_duplicate_only_the_dead_host
     producer.join().unwrap();
     wait_until("host-3 caught up", || caught_up(&broker.brokers, &topic, &group));
     third.signal();
-    assert_eq!(third.exit_code(), Some(0));
+    let (code, third_log) = third.finish();
+    assert_eq!(code, Some(0));
 
     let delivered: Vec<String> = consume(&broker.brokers, &output).into_iter().map(|r| r.value.unwrap()).collect();
     let mut times: BTreeMap<&str, usize> = BTreeMap::new();
@@ -126,13 +128,34 @@ fn hosts_joining_leaving_and_dying_lose_nothing_and_duplicate_only_the_dead_host
     assert_eq!(times.keys().copied().collect::<BTreeSet<_>>(), expected, "every valid line, nothing else");
     let duplicates = delivered.len() - expected.len();
     assert!(times.values().all(|&n| n <= 2), "a record delivered more than twice");
-    // At most the batch host-2 had in flight: one batch of each partition it owned.
-    assert!(
-        duplicates <= lost_with * PER_PARTITION_BATCH,
-        "{duplicates} duplicates, more than host-2's last batch could hold ({lost_with} partitions); host-2 logged:\n{}",
-        second_log[second_log.len().saturating_sub(30)..].join("\n")
+    // The test's own producer retries too: a line written twice to the input is rightly
+    // output twice, so input duplicates widen the bound.
+    let mut written: BTreeMap<String, usize> = BTreeMap::new();
+    for record in consume(&broker.brokers, &topic) {
+        *written.entry(record.value.unwrap()).or_default() += 1;
+    }
+    let written_twice: usize = written.values().map(|n| n - 1).sum();
+    // At most the batch host-2 had in flight (one batch of each partition it owned), plus any
+    // batch a member abandoned because the group had moved on (fenced: a crash-like event
+    // under load, logged as such; at most one batch of every partition).
+    let logs = [&first_log, &second_log, &third_log];
+    let abandoned =
+        logs.iter().flat_map(|log| log.iter()).filter(|line| line.contains("abandoned uncommitted")).count();
+    let bound = (lost_with + abandoned * 12) * PER_PARTITION_BATCH + written_twice;
+    if duplicates > bound {
+        let twice: Vec<&str> = times.iter().filter(|(_, n)| **n > 1).map(|(value, _)| *value).collect();
+        let logs = [("host-1", &first_log), ("host-2", &second_log), ("host-3", &third_log)]
+            .map(|(name, log)| format!("{name}:\n{}", log.join("\n")));
+        panic!(
+            "{duplicates} duplicates, more than host-2's last batch ({lost_with} partitions) and {abandoned} abandoned \
+             batches could hold, {written_twice} lines written twice: {twice:?}\n{}",
+            logs.join("\n\n")
+        );
+    }
+    eprintln!(
+        "scale up, down and a kill: {} outputs, {duplicates} duplicates, {abandoned} batches abandoned",
+        delivered.len()
     );
-    eprintln!("scale up, down and a kill: {} outputs, {duplicates} duplicates", delivered.len());
 }
 
 #[test]
