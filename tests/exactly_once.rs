@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{
     CommittedView, Input, Running, TansuBroker, committed_view, etl_case, host, offsets, produce_one_by_one, run_host,
-    unique,
+    unique, upgrade_in_background,
 };
 use crate::stateful::{Seeded, count, lines, word_counts};
 
@@ -187,8 +187,7 @@ fn a_stalled_host_whose_job_was_started_again_is_fenced_and_nothing_commits_twic
     assert_ne!(first.exit_code(), Some(0), "the fenced host stops with an error");
     produce_one_by_one(&broker.brokers, &topic, &inputs[100..]);
     wait_caught_up(&broker.brokers, &topic, &group, &mut [&mut second]);
-    second.signal();
-    assert_eq!(second.exit_code(), Some(0));
+    second.stop();
 
     let mut expected: Vec<String> = inputs.iter().map(|input| input.value.clone()).collect();
     expected.sort();
@@ -217,20 +216,14 @@ fn a_rolled_back_upgrade_leaves_no_output_of_the_new_build_visible() {
     running.wait_for("admin endpoint on");
     wait_caught_up(&broker.brokers, &topic, &group, &mut [&mut running]);
     // misbehave echoes values as busy does, and traps on `trap`.
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || {
-        let mut upgrade = host();
-        upgrade.args(["upgrade", "--plugin", sluice_plugin_artifacts::MISBEHAVE, "--force", "--checkpoint"]);
-        run_host(upgrade.arg(&checkpoint), LIMIT)
-    });
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::MISBEHAVE, dir.path(), &["--force"]);
     running.wait_for("switching from busy");
     // The new build's first batch is delivered into the transaction and held open, and its
     // second traps: the rollback aborts the transaction, busy runs both again.
     produce_one_by_one(&broker.brokers, &topic, &inputs[10..]);
     upgrading.join().unwrap().assert_error(&["rolled back from misbehave", "(trap)"]);
     wait_caught_up(&broker.brokers, &topic, &group, &mut [&mut running]);
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
 
     let view = committed_view(&broker.brokers, &output);
     let mut expected: Vec<String> = inputs.iter().map(|input| input.value.clone()).collect();

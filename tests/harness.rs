@@ -212,6 +212,16 @@ impl Running {
         assert!(status.success());
     }
 
+    /// Stops the process gracefully (SIGTERM), asserts that it exits with success, and returns
+    /// what it logged.
+    pub fn stop(self) -> Vec<String> {
+        self.signal();
+        let (code, log) = self.finish();
+        let tail = log[log.len().saturating_sub(40)..].join("\n");
+        assert_eq!(code, Some(0), "host failed after SIGTERM; its last lines:\n{tail}");
+        log
+    }
+
     pub fn exit_code(self) -> Option<i32> {
         self.finish().0
     }
@@ -321,6 +331,23 @@ pub fn run_host(command: &mut Command, limit: Duration) -> Run {
         panic!("host did not finish within {limit:?}:\n{}", String::from_utf8_lossy(&output.stderr));
     }
     Run { output: waiter.join().unwrap() }
+}
+
+/// `host upgrade --plugin PLUGIN --checkpoint DIR [EXTRA]`, run to its answer.
+pub fn upgrade(plugin: &str, dir: &std::path::Path, extra: &[&str]) -> Run {
+    let mut command = host();
+    command.args(["upgrade", "--plugin", plugin]).arg("--checkpoint").arg(dir).args(extra);
+    run_host(&mut command, Duration::from_secs(120))
+}
+
+/// [`upgrade`] on another thread, for a test that drives the job meanwhile.
+pub fn upgrade_in_background(
+    plugin: &'static str,
+    dir: &std::path::Path,
+    extra: &'static [&'static str],
+) -> std::thread::JoinHandle<Run> {
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || upgrade(plugin, &dir, extra))
 }
 
 /// Runs the independent Kafka client script and parses its JSON answer.
@@ -622,6 +649,32 @@ pub fn sorted(mut values: Vec<String>) -> Vec<String> {
 }
 
 // Several hosts in one group, watched through their logs.
+
+/// Batches the hosts logged as abandoned uncommitted: fenced by a rebalance, their partitions'
+/// new owners replay them — the one duplication at-least-once delivery allows without a crash.
+pub fn abandoned_batches(logs: &[Vec<String>]) -> usize {
+    logs.iter().flatten().filter(|line| line.contains("abandoned uncommitted")).count()
+}
+
+/// Asserts that `delivered` holds every `expected` value and nothing else, each exactly once
+/// unless a host abandoned a batch (then at most twice).
+pub fn assert_delivered_once(delivered: Vec<String>, expected: &[String], logs: &[Vec<String>]) {
+    let abandoned = abandoned_batches(logs);
+    let mut times: BTreeMap<String, usize> = BTreeMap::new();
+    for value in delivered {
+        *times.entry(value).or_default() += 1;
+    }
+    let distinct: BTreeSet<&String> = times.keys().collect();
+    assert_eq!(distinct, expected.iter().collect::<BTreeSet<_>>(), "every expected value, nothing else");
+    let most = if abandoned == 0 { 1 } else { 2 };
+    let over: Vec<&String> = times.iter().filter(|(_, n)| **n > most).map(|(value, _)| value).collect();
+    assert!(
+        over.is_empty(),
+        "{} values delivered more than {most}× with {abandoned} abandoned batches, e.g. {:?}",
+        over.len(),
+        &over[..over.len().min(3)]
+    );
+}
 
 /// The partitions `running` owns now, from its assignment log lines.
 pub fn owned(running: &mut Running) -> BTreeSet<String> {

@@ -10,8 +10,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 
 use crate::harness::{
-    Consumed, Input, Running, TansuBroker, assert_committed_at_end, committed_values, committed_view, etl_case, host,
-    offsets, owned, produce_one_by_one, records_in, run_host, sorted, unique, wait_until,
+    Consumed, Input, Running, TansuBroker, assert_committed_at_end, assert_delivered_once, committed_values,
+    committed_view, etl_case, host, offsets, owned, produce_one_by_one, records_in, run_host, unique, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,18 +114,14 @@ fn three_hosts_on_tansu_share_the_partitions_and_deliver_every_record_once() {
         offsets(&broker.brokers, &topic, &group).values().all(|o| o.committed == Some(o.end))
     });
 
+    let mut logs = Vec::new();
     for (n, mut running) in hosts.into_iter().enumerate() {
         assert!(records_in(&mut running) > 0, "host-{} did part of the work:\n{}", n + 1, running.seen.join("\n"));
-        running.signal();
-        assert_eq!(running.exit_code(), Some(0));
+        logs.push(running.stop());
     }
     // Read from the record batches: the hosts' producer writes several records a batch, which
     // makes Tansu's high watermark (the last batch's base offset + 1) short for a consumer.
-    assert_eq!(
-        committed_values(&broker.brokers, &output),
-        sorted(case.expected.clone()),
-        "every valid line exactly once"
-    );
+    assert_delivered_once(committed_values(&broker.brokers, &output), &case.expected, &logs);
     assert_committed_at_end(&broker.brokers, &topic, &group);
     eprintln!("three hosts on Tansu: settled after {settled:?}, done after {:?}", started.elapsed());
 }
@@ -157,15 +153,6 @@ fn hosts_joining_one_by_one_while_records_flow_take_over_without_stalling() {
     wait_until("the group has committed every partition to its end", || {
         offsets(&broker.brokers, &topic, &group).values().all(|o| o.committed == Some(o.end))
     });
-    let all: BTreeSet<String> = hosts.iter_mut().flat_map(owned).collect();
-    assert_eq!(all.len(), 6, "the shares cover the topic: {all:?}");
-    for running in hosts {
-        running.signal();
-        assert_eq!(running.exit_code(), Some(0));
-    }
-    assert_eq!(
-        committed_values(&broker.brokers, &output),
-        sorted(case.expected.clone()),
-        "every valid line exactly once"
-    );
+    let logs: Vec<Vec<String>> = hosts.into_iter().map(Running::stop).collect();
+    assert_delivered_once(committed_values(&broker.brokers, &output), &case.expected, &logs);
 }

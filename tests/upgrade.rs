@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{BrokerProcess, Input, Running, consume, etl_case, host, offsets, produce, run_host, unique};
+use crate::harness::{
+    BrokerProcess, Input, Running, consume, etl_case, host, offsets, produce, run_host, unique, upgrade,
+    upgrade_in_background,
+};
 use crate::stateful::{Seeded, count, lines, word_counts};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -26,12 +29,6 @@ fn job_every(interval: &str, plugin: &str, brokers: &str, topic: &str, output: &
         .arg("--checkpoint")
         .arg(dir);
     command
-}
-
-fn upgrade(plugin: &str, dir: &Path, extra: &[&str]) -> crate::harness::Run {
-    let mut command = host();
-    command.args(["upgrade", "--plugin", plugin]).arg("--checkpoint").arg(dir).args(extra);
-    run_host(&mut command, LIMIT)
 }
 
 /// Waits until the group has committed every partition of `topic` to its end.
@@ -70,8 +67,7 @@ fn etl_v1_to_v2_under_load_delivers_every_record_once_v1_before_the_switch_and_v
     assert!(upgraded.stdout().contains("to etl 2.0.0"), "{}", upgraded.stdout());
     producer.join().unwrap();
     wait_caught_up(&broker.brokers, &topic);
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
 
     let records = consume(&broker.brokers, &output);
     let versions: Vec<bool> = records.iter().map(|r| r.headers.contains_key("etl-version")).collect();
@@ -103,8 +99,7 @@ fn a_new_version_that_traps_is_rolled_back_and_the_old_one_reprocesses_its_batch
     produce(&broker.brokers, &topic, &values[..10]);
     let mut running = Running::start(job(sluice_plugin_artifacts::BUSY, &broker.brokers, &topic, &output, dir.path()));
     running.wait_for("admin endpoint on");
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::MISBEHAVE, &checkpoint, &["--force"]));
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::MISBEHAVE, dir.path(), &["--force"]);
     // The rest of the input arrives once misbehave is in: its first batch with records traps.
     running.wait_for("switching from busy");
     let producer = produce_steadily(broker.brokers.clone(), topic.clone(), values[10..].to_vec());
@@ -113,8 +108,7 @@ fn a_new_version_that_traps_is_rolled_back_and_the_old_one_reprocesses_its_batch
     wait_caught_up(&broker.brokers, &topic);
     let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""name": "busy""#), "busy runs again:\n{}", status.stdout());
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
 
     let mut delivered: Vec<String> = consume(&broker.brokers, &output).into_iter().map(|r| r.value.unwrap()).collect();
     delivered.sort();
@@ -161,8 +155,7 @@ fn bad_upgrades_are_refused_while_the_running_version_keeps_processing() {
     wait_caught_up(&broker.brokers, &topic);
     let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""name": "top3""#), "{}", status.stdout());
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
 }
 
 #[test]
@@ -181,8 +174,7 @@ fn an_upgrade_whose_init_refuses_the_jobs_configuration_is_refused() {
         "refused its configuration",
         "work-per-record",
     ]);
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
 }
 
 #[test]
@@ -201,8 +193,7 @@ fn word_count_v1_to_v2_live_changes_the_state_encoding_and_counts_stay_exact() {
     assert!(upgraded.stdout().contains("to wordcount 2.0.0"), "{}", upgraded.stdout());
     producer.join().unwrap();
     wait_caught_up(&broker.brokers, &topic);
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
     assert_eq!(word_counts(dir.path()), count(&produced));
 }
 
@@ -238,8 +229,7 @@ fn word_count_v2_failing_its_second_probation_batch_is_rolled_back_and_counts_st
     let mut running =
         Running::start(job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path()));
     wait_caught_up(&broker.brokers, &topic);
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::WORDCOUNT_V2, dir.path(), &[]);
     running.wait_for("switching from wordcount");
     // v2's first probation batch: counted, its state written under schema 2, held.
     produce(&broker.brokers, &topic, &produced[40..41]);
@@ -256,8 +246,7 @@ fn word_count_v2_failing_its_second_probation_batch_is_rolled_back_and_counts_st
     wait_caught_up(&broker.brokers, &topic);
     let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""version": "0.1.0""#), "v1 runs again:\n{}", status.stdout());
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
     let mut all = produced;
     all.push(crash);
     assert_eq!(word_counts(dir.path()), count(&all));
@@ -274,16 +263,14 @@ fn an_upgraded_build_survives_restarts_and_going_back_to_the_old_file_needs_forc
     produce(&broker.brokers, &topic, &case.lines[..30]);
     let mut running = Running::start(job(sluice_plugin_artifacts::ETL, &broker.brokers, &topic, &output, dir.path()));
     wait_caught_up(&broker.brokers, &topic);
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::ETL_V2, &checkpoint, &[]));
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::ETL_V2, dir.path(), &[]);
     running.wait_for("switching from etl");
     produce(&broker.brokers, &topic, &case.lines[30..40]);
     wait_held_with_records(&mut running);
     produce(&broker.brokers, &topic, &case.lines[40..50]);
     upgrading.join().unwrap().assert_success();
     wait_caught_up(&broker.brokers, &topic);
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
     let upgraded_outputs = consume(&broker.brokers, &output).len();
 
     // The original file again: refused, both builds named.
@@ -321,8 +308,7 @@ fn an_upgraded_build_survives_restarts_and_going_back_to_the_old_file_needs_forc
 /// Stops `running` with SIGTERM and checks it exits with status 0 within ten seconds.
 fn stops_promptly(running: Running) {
     let asked = Instant::now();
-    running.signal();
-    assert_eq!(running.exit_code(), Some(0));
+    running.stop();
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(10), "the host took {took:?} to stop");
 }
@@ -336,8 +322,7 @@ fn stopping_with_an_upgrade_waiting_for_its_batch_boundary_answers_it_and_exits(
     let command = job_every("1h", sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path());
     let mut running = Running::start(command);
     running.wait_for("admin endpoint on");
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::WORDCOUNT_V2, dir.path(), &[]);
     running.wait_for("validated; switching at the next batch");
     stops_promptly(running);
     upgrading.join().unwrap().assert_error(&["upgrade not done", "the job is stopping"]);
@@ -354,8 +339,7 @@ fn stopping_with_an_upgrade_on_probation_commits_nothing_of_it_and_the_restart_r
     let mut running =
         Running::start(job(sluice_plugin_artifacts::WORDCOUNT, &broker.brokers, &topic, &output, dir.path()));
     wait_caught_up(&broker.brokers, &topic);
-    let checkpoint = dir.path().to_path_buf();
-    let upgrading = std::thread::spawn(move || upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &checkpoint, &[]));
+    let upgrading = upgrade_in_background(sluice_plugin_artifacts::WORDCOUNT_V2, dir.path(), &[]);
     running.wait_for("switching from wordcount");
     // One batch with records on probation (it needs two), then an idle topic.
     produce(&broker.brokers, &topic, &produced[20..]);

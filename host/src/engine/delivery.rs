@@ -112,9 +112,12 @@ impl Delivery<'_> {
     /// again in a fresh one, until a round has no new refusal.
     fn send_outputs(&mut self, outputs: &[OutputRecord], allowed: &[bool]) -> Result<Vec<Undelivered>> {
         let mut refused: Vec<Undelivered> = Vec::new();
+        let mut sending = allowed.to_vec();
         for round in 1.. {
-            let fresh =
-                self.kafka.send_all(outputs, |index| allowed[index] && !refused.iter().any(|u| u.index == index))?;
+            let fresh = self.kafka.send_all(outputs, |index| sending[index])?;
+            for failed in &fresh {
+                sending[failed.index] = false;
+            }
             let again = self.kafka.transactional() && !fresh.is_empty();
             refused.extend(fresh);
             if !again {
@@ -182,15 +185,16 @@ impl Delivery<'_> {
             return Ok(0);
         }
         let count = letters.len();
-        let mut letters: Vec<Option<DeadLetter>> = letters.into_iter().map(Some).collect();
+        let mut letters = letters;
         let mut stripped = vec![false; count];
+        // The letters this round sends: all at first. Without a transaction what was delivered
+        // stays delivered, so a later round sends only the letters just stripped.
+        let mut sending = vec![true; count];
         loop {
-            let sending: Vec<&DeadLetter> = letters.iter().flatten().collect();
-            let refused = self.kafka.send_all(&sending, |_| true).context("cannot send dead letters")?;
+            let refused = self.kafka.send_all(&letters, |index| sending[index]).context("cannot send dead letters")?;
             if refused.is_empty() {
                 return Ok(count);
             }
-            // `refused` indexes `sending`, which is every letter in order.
             for failed in &refused {
                 if stripped[failed.index] {
                     bail!(
@@ -205,43 +209,34 @@ impl Delivery<'_> {
                     failed.topic,
                     failed.reason
                 );
-                let letter = letters[failed.index].take().expect("each refused once");
-                letters[failed.index] = Some(without_value(letter, &failed.reason));
+                letters[failed.index] = without_value(letters[failed.index].clone(), &failed.reason);
                 stripped[failed.index] = true;
             }
-            if self.kafka.transactional() {
-                let Some((outputs, allowed)) = resend else {
-                    bail!(
-                        "batch {} ms: a dead letter was refused inside the batch's Kafka transaction, after its outputs \
-                         went out; the batch is not committed",
-                        self.batch_time
-                    );
-                };
-                self.kafka.abort()?;
-                self.kafka.begin()?;
-                let refused = self.kafka.send_all(outputs, |index| allowed[index])?;
-                if let Some(failed) = refused.first() {
-                    bail!(
-                        "batch {} ms: an output for `{}` was refused when sent again: {}",
-                        self.batch_time,
-                        failed.topic,
-                        failed.reason
-                    );
+            if !self.kafka.transactional() {
+                sending = vec![false; count];
+                for failed in &refused {
+                    sending[failed.index] = true;
                 }
                 continue;
             }
-            // Without a transaction what was delivered stays delivered: only the stripped go.
-            let retry: Vec<&DeadLetter> =
-                letters.iter().zip(&stripped).filter(|(_, s)| **s).filter_map(|(l, _)| l.as_ref()).collect();
-            if let Some(failed) = self.kafka.send_all(&retry, |_| true)?.first() {
+            // The refusal made the transaction abortable: everything goes again in a new one.
+            let Some((outputs, allowed)) = resend else {
                 bail!(
-                    "batch {} ms: cannot deliver a dead letter to `{}` even without its value: {}",
+                    "batch {} ms: a dead letter was refused inside the batch's Kafka transaction, after its outputs \
+                     went out; the batch is not committed",
+                    self.batch_time
+                );
+            };
+            self.kafka.abort()?;
+            self.kafka.begin()?;
+            if let Some(failed) = self.kafka.send_all(outputs, |index| allowed[index])?.first() {
+                bail!(
+                    "batch {} ms: an output for `{}` was refused when sent again: {}",
                     self.batch_time,
                     failed.topic,
                     failed.reason
                 );
             }
-            return Ok(count);
         }
     }
 }

@@ -152,15 +152,27 @@ pub struct LimitExceeded {
     pub flag: &'static str,
 }
 
+/// One memory or table growing from `current` to `desired`: the instance's total of that
+/// resource (`used`, over all its memories or tables) must stay within `limit`.
+fn grow_within(
+    used: &mut usize,
+    limit: usize,
+    current: usize,
+    desired: usize,
+    (what, unit, flag): (&'static str, &'static str, &'static str),
+) -> wasmtime::Result<bool> {
+    let total = (*used - current.min(*used)).saturating_add(desired);
+    if total > limit {
+        return Err(LimitExceeded { what, wanted: total, limit, unit, flag }.into());
+    }
+    *used = total;
+    Ok(true)
+}
+
 impl ResourceLimiter for InstanceLimits {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
-        if total > self.max_memory {
-            let (what, unit, flag) = ("linear memory", "bytes", "--max-memory");
-            return Err(LimitExceeded { what, wanted: total, limit: self.max_memory, unit, flag }.into());
-        }
-        self.memory = total;
-        Ok(true)
+        let what = ("linear memory", "bytes", "--max-memory");
+        grow_within(&mut self.memory, self.max_memory, current, desired, what)
     }
 
     /// A refused grow traps, saying why: a plugin's allocator would otherwise abort with a
@@ -170,13 +182,8 @@ impl ResourceLimiter for InstanceLimits {
     }
 
     fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let total = (self.table_elements - current.min(self.table_elements)).saturating_add(desired);
-        if total > self.max_table_elements {
-            let (what, unit, flag) = ("tables", "elements", "--max-table-elements");
-            return Err(LimitExceeded { what, wanted: total, limit: self.max_table_elements, unit, flag }.into());
-        }
-        self.table_elements = total;
-        Ok(true)
+        let what = ("tables", "elements", "--max-table-elements");
+        grow_within(&mut self.table_elements, self.max_table_elements, current, desired, what)
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {

@@ -166,11 +166,9 @@ impl KafkaSink {
         offsets: &TopicPartitionList,
         group: &ConsumerGroupMetadata,
     ) -> Result<(), TransactionError> {
-        let transactions = self.transactions.as_mut().context("no transactions without --delivery exactly-once")?;
-        if !transactions.open {
-            self.producer.begin_transaction().map_err(|error| classify(&transactions.id, error))?;
-            transactions.open = true;
-        }
+        // Offsets alone (a batch without outputs) still need a transaction to go in.
+        self.begin()?;
+        let transactions = self.transactions.as_ref().context("no transactions without --delivery exactly-once")?;
         let (id, timeout) = (transactions.id.clone(), transactions.timeout);
         let result = retried(|| self.producer.send_offsets_to_transaction(offsets, group, timeout))
             .and_then(|()| retried(|| self.producer.commit_transaction(timeout)));
