@@ -54,7 +54,7 @@ fn plan_write() -> Duration {
         .map(|batch_time| {
             let started = Instant::now();
             checkpoint
-                .begin_batch(&[PendingBatch { batch_time, ranges: ranges.clone(), build: None }])
+                .begin_batch(&[PendingBatch { batch_time, ranges: ranges.clone(), build: None, shared: false }])
                 .expect("plan write");
             started.elapsed()
         })

@@ -132,6 +132,14 @@ pub struct JobOptions {
     #[serde(default)]
     pub stop_when_caught_up: bool,
 
+    /// Keep a stateful job's keyed state in Kafka as well (a shuffle topic and a compacted
+    /// changelog, `<group>-shuffle` and `<group>-changelog`), so that several hosts can share the
+    /// job and a host that dies hands its state partitions over (README "Stateful jobs on
+    /// several hosts").
+    #[arg(long, env = "SLUICE_SHARED_STATE")]
+    #[serde(default)]
+    pub shared_state: bool,
+
     /// Partition tasks processed at once, each on its own plugin instance [default: CPU count].
     #[arg(long, env = "SLUICE_PARALLELISM", value_name = "N")]
     pub parallelism: Option<usize>,
@@ -381,6 +389,7 @@ impl JobOptions {
             auto_offset_reset: self.auto_offset_reset.or(file.auto_offset_reset),
             max_batches: self.max_batches.or(file.max_batches),
             stop_when_caught_up: self.stop_when_caught_up || file.stop_when_caught_up,
+            shared_state: self.shared_state || file.shared_state,
             parallelism: self.parallelism.or(file.parallelism),
             broker_timeout: self.broker_timeout.or(file.broker_timeout),
             session_timeout: self.session_timeout.or(file.session_timeout),
@@ -450,6 +459,8 @@ pub struct JobConfig {
     pub auto_offset_reset: AutoOffsetReset,
     pub max_batches: Option<u64>,
     pub stop_when_caught_up: bool,
+    /// `--shared-state`: keyed state also lives in the job's shuffle and changelog topics.
+    pub shared_state: bool,
     pub parallelism: usize,
     pub broker_timeout: Duration,
     /// How long the group waits for a silent member.
@@ -692,6 +703,7 @@ impl JobConfig {
             auto_offset_reset: options.auto_offset_reset.unwrap_or_default(),
             max_batches: options.max_batches,
             stop_when_caught_up: options.stop_when_caught_up,
+            shared_state: options.shared_state,
             parallelism,
             broker_timeout,
             session_timeout: match options.session_timeout {

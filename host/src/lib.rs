@@ -19,5 +19,6 @@ pub mod inspect;
 pub mod offsets;
 pub mod panics;
 pub mod runtime;
+pub mod shared_state;
 pub mod sinks;
 pub mod source;

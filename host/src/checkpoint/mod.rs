@@ -28,9 +28,11 @@ use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::PluginIdentity;
 
 mod builds;
+mod partitions;
 mod view;
 
 pub use builds::Builds;
+pub use partitions::PartitionMeta;
 pub use view::{HeldChanges, StateView};
 
 const EMPTY: &[u8] = &[];
@@ -77,6 +79,10 @@ pub struct PendingBatch {
     /// The plugin build (digest) the batch ran with; a replay runs the same build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<String>,
+    /// Ran with `--shared-state` through the shuffle topic (its values are applied by the
+    /// state partitions' owners, not rebuilt from this plan).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// One plugin build's stretch of batches.
@@ -186,6 +192,8 @@ pub struct BatchChanges {
     pub window_results: Vec<(Vec<u8>, Vec<u8>)>,
     /// Keys whose kept window result is dropped.
     pub dropped_windows: Vec<Vec<u8>>,
+    /// With `--shared-state`: the state partitions' new metas.
+    pub partitions: Vec<(u32, PartitionMeta)>,
 }
 
 impl BatchChanges {
@@ -196,6 +204,7 @@ impl BatchChanges {
             && self.expired_panes.is_empty()
             && self.window_results.is_empty()
             && self.dropped_windows.is_empty()
+            && self.partitions.is_empty()
     }
 }
 
@@ -499,6 +508,7 @@ impl Checkpoint {
             let mut meta = txn.open_table(META)?;
             meta.insert("last-batch", batch_time.to_le_bytes().as_slice())?;
         }
+        partitions::write_metas(txn, &changes.partitions)?;
         Ok(())
     }
 }

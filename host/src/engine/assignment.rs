@@ -30,7 +30,12 @@ pub struct Replay {
 impl Replay {
     /// The replay as a plan still to run, as the checkpoint records it.
     pub fn plan(&self) -> PendingBatch {
-        PendingBatch { batch_time: self.batch_time, ranges: self.ranges.clone(), build: self.build.clone() }
+        PendingBatch {
+            batch_time: self.batch_time,
+            ranges: self.ranges.clone(),
+            build: self.build.clone(),
+            shared: false,
+        }
     }
 }
 
@@ -43,9 +48,15 @@ pub struct Positions {
     pub newly_applied: Vec<(TopicPartition, i64)>,
     /// The checkpoint's offsets: where this host's last committed batches ended.
     pub checkpoint: BTreeMap<TopicPartition, i64>,
+    /// The offsets the group is known to hold for the owned partitions (as assigned, and as
+    /// this host committed since): a batch that moved nothing does not commit again.
+    pub group: BTreeMap<TopicPartition, i64>,
     /// Whether the job keeps keyed state or panes in its checkpoint: then records another
     /// member processed are state this host does not have.
     pub stateful: bool,
+    /// Whether the job shares its state through Kafka (`--shared-state`): then records another
+    /// member processed alone must have been published to the changelog.
+    pub shared: bool,
 }
 
 impl Positions {
@@ -87,6 +98,10 @@ impl Positions {
                 check_state_is_here(tp, offset, partition.committed.as_ref(), candidates.checkpoint, &job.instance_id)
                     .map_err(|error| error.context(format!("consumer group {}", job.group)))?;
             }
+            if self.shared {
+                check_state_was_published(tp, partition.committed.as_ref(), &job.instance_id)
+                    .map_err(|error| error.context(format!("consumer group {}", job.group)))?;
+            }
             if let StartPosition::Explicit(offset) = start {
                 self.applied_starts.insert(tp.clone(), offset);
                 self.newly_applied.push((tp.clone(), offset));
@@ -98,6 +113,10 @@ impl Positions {
                     committed.offset
                 );
             }
+            match &partition.committed {
+                Some(committed) => self.group.insert(tp.clone(), committed.offset),
+                None => self.group.remove(tp),
+            };
             let mut offset = start.offset();
             match check_in_log(tp, offset, partition.bounds, job.on_offset_out_of_range)? {
                 None => tracing::info!("{tp} starts at offset {start}"),
@@ -152,6 +171,24 @@ fn check_state_is_here(
     );
 }
 
+/// With `--shared-state`, a partition another member processed while it ran the job alone
+/// carries that mark until the member publishes its state (it does before any group change
+/// and when it stops): taking it over earlier would continue without that state.
+fn check_state_was_published(tp: &TopicPartition, committed: Option<&Committed>, instance_id: &str) -> Result<()> {
+    let Some(metadata) = committed.and_then(|c| c.metadata.as_ref()) else { return Ok(()) };
+    if !metadata.local_state || metadata.member == instance_id {
+        return Ok(());
+    }
+    bail!(
+        "{tp}: member {} processed it alone up to offset {} and has not published that state to the changelog (it \
+         was killed?). Start {} again with its checkpoint: it publishes its state when another host joins or when \
+         it stops",
+        metadata.member,
+        committed.map_or(0, |c| c.offset),
+        metadata.member
+    );
+}
+
 pub fn reconcile(
     plans: Vec<PendingBatch>,
     starts: &BTreeMap<TopicPartition, (i64, Option<Committed>)>,
@@ -160,6 +197,9 @@ pub fn reconcile(
     let mut replays = VecDeque::new();
     let last = plans.last().map_or(i64::MIN, |plan| plan.batch_time);
     for plan in plans {
+        // A batch that went through the shuffle topic left no state here to rebuild: the
+        // state partitions' owners applied (or will apply) its values.
+        let stateful = stateful && !plan.shared;
         let (mut silent, mut full) = (Vec::new(), Vec::new());
         for range in plan.ranges {
             let Some((start, committed)) = starts.get(&range.partition) else {
@@ -222,6 +262,7 @@ mod tests {
             batch_time: 1000,
             ranges: vec![range(0, 0, 10), range(1, 5, 9), range(2, 3, 7), range(3, 0, 4)],
             build: Some("b1".into()),
+            shared: false,
         };
         let starts = BTreeMap::from([
             // Not committed anywhere: replay in full.
@@ -266,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_group_past_the_plan_by_an_older_batch_is_another_members() {
-        let plan = PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: None };
+        let plan = PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: None, shared: false };
         let starts = BTreeMap::from([(TopicPartition::new("in", 0), (12, committed(12, 900)))]);
         assert!(reconcile(vec![plan], &starts, true).is_empty());
     }
@@ -274,8 +315,8 @@ mod tests {
     #[test]
     fn held_probation_batches_are_replayed_in_order() {
         let plans = vec![
-            PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: Some("new".into()) },
-            PendingBatch { batch_time: 1100, ranges: vec![range(0, 10, 15)], build: Some("new".into()) },
+            PendingBatch { batch_time: 1000, ranges: vec![range(0, 0, 10)], build: Some("new".into()), shared: false },
+            PendingBatch { batch_time: 1100, ranges: vec![range(0, 10, 15)], build: Some("new".into()), shared: false },
         ];
         // Neither committed: both again, in full, in order.
         let none = BTreeMap::from([(TopicPartition::new("in", 0), (0, committed(0, 900)))]);

@@ -37,9 +37,10 @@ pub fn commit_group(
     member: &str,
     plugin: &PluginIdentity,
     applied_starts: &BTreeMap<TopicPartition, i64>,
+    local_state: bool,
 ) -> Result<GroupCommit> {
     let ends = ends_of(ranges);
-    let metadata = identity(batch_time, member, plugin, applied_starts);
+    let metadata = identity(batch_time, member, plugin, applied_starts, local_state);
     match source.commit(&ends, metadata) {
         Ok(()) => {
             failpoint::reached("commit");
@@ -72,7 +73,7 @@ pub fn commit_transaction(
     }
     let group =
         source.group_metadata().context("the consumer has no group metadata to send offsets in a transaction")?;
-    let offsets = offset_list(&ends_of(ranges), identity(batch_time, member, plugin, applied_starts))?;
+    let offsets = offset_list(&ends_of(ranges), identity(batch_time, member, plugin, applied_starts, false))?;
     sink.commit(&offsets, &group)?;
     failpoint::reached("commit");
     Ok(())
@@ -83,12 +84,14 @@ fn ends_of(ranges: &[OffsetRange]) -> Vec<(TopicPartition, i64)> {
 }
 
 /// The metadata a batch commits beside each partition's offset: its time, the member, the
-/// plugin build and the partition's applied `--start`.
+/// plugin build, the partition's applied `--start`, and whether its state changes stayed in
+/// this host's checkpoint (`--shared-state` running alone).
 fn identity<'a>(
     batch_time: i64,
     member: &'a str,
     plugin: &PluginIdentity,
     applied_starts: &'a BTreeMap<TopicPartition, i64>,
+    local_state: bool,
 ) -> impl Fn(&TopicPartition) -> CommitMetadata + 'a {
     let build = plugin.digest[..plugin.digest.len().min(12)].to_string();
     move |partition| CommitMetadata {
@@ -96,5 +99,6 @@ fn identity<'a>(
         start: applied_starts.get(partition).copied(),
         member: member.to_string(),
         build: build.clone(),
+        local_state,
     }
 }

@@ -36,7 +36,8 @@ use crate::checkpoint::{
 use crate::config::{DeliveryGuarantee, JobConfig, PostgresMode};
 use crate::control::{Status, UpgradeOutcome};
 use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
-use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
+use crate::runtime::{BatchContext, InputRecord, KeyedValue, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
+use crate::shared_state::{self, Resolved, SharedState, StageRecord};
 use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks, TransactionError};
 use crate::source::{Committed, KafkaSource, Lost, Unreadable, join};
 use crate::{failpoint, panics};
@@ -69,6 +70,22 @@ pub struct Engine {
     /// A batch was abandoned (fenced): the next boundary moves every partition back to where
     /// the group (or the database) says it continues.
     reposition: bool,
+    /// With `--shared-state`: the state partitions this host owns, and its side of the
+    /// shuffle and changelog topics.
+    shared: Option<SharedState>,
+}
+
+/// Where a stateful batch's keyed values go.
+enum Keyed {
+    /// Grouped in process and applied here (a job without `--shared-state`).
+    InProcess,
+    /// Grouped in process and applied here by a `--shared-state` host that runs the job
+    /// alone: every state partition records the ranges as applied, its shuffle partition read
+    /// to `read_to`, its local copy ahead of the changelog.
+    Alone { read_to: BTreeMap<u32, i64> },
+    /// Written to the shuffle topic (stage 1); the state step applies what each owned shuffle
+    /// partition resolved to (stage 2).
+    Shared(BTreeMap<u32, Resolved>),
 }
 
 /// The engine's side of hot upgrades.
@@ -147,9 +164,20 @@ struct Processed {
     rejected: usize,
     skipped: usize,
     changes: BatchChanges,
+    /// With `--shared-state` through the shuffle topic: the batch's keyed values (stage 1).
+    shuffled: Vec<StageRecord>,
 }
 
 impl PartitionTask {
+    fn range(&self) -> OffsetRange {
+        let ctx = &self.context;
+        OffsetRange {
+            partition: TopicPartition::new(&ctx.topic, ctx.partition),
+            from: ctx.from_offset,
+            until: ctx.until_offset,
+        }
+    }
+
     /// The record at `offset`, if the task has it (records are in offset order).
     fn record(&self, offset: i64) -> Option<&InputRecord> {
         self.records.binary_search_by_key(&offset, |record| record.offset).ok().map(|index| &self.records[index])
@@ -295,8 +323,13 @@ impl Engine {
         panics::install();
         // The checkpoint comes first: it names the build to run when `--plugin` is left out,
         // and the builds older than the one it runs.
+        // A new checkpoint of a shared-state job takes the state partitions its topics have.
+        let state_partitions = match job.shared_state && job.checkpoint.is_some() {
+            true => shared_state::existing_state_partitions(&job)?,
+            false => None,
+        };
         let opened = match &job.checkpoint {
-            Some(dir) => Some(OpenedCheckpoint::open(dir, &job)?),
+            Some(dir) => Some(OpenedCheckpoint::open(dir, &job, state_partitions)?),
             None => None,
         };
         let (plugin, mut first_instance, bytes) = load_plugin(&job, opened.as_ref())?;
@@ -322,6 +355,13 @@ impl Engine {
             None => None,
         };
 
+        let shared = match &checkpoint {
+            Some(checkpoint) if job.shared_state => {
+                shared_state::prepare_topics(&job, checkpoint.state_partitions)?;
+                Some(SharedState::connect(&job, checkpoint.state_partitions, &checkpoint.store)?)
+            }
+            _ => None,
+        };
         let client = job.kafka_client_config();
         if job.output_topic.is_none() && job.print.is_none() && postgres.is_none() {
             tracing::warn!("no --output-topic or --print: only outputs that name their own topic go anywhere");
@@ -331,7 +371,7 @@ impl Engine {
             print: job.print.map(PrintSink::new),
             postgres,
         };
-        let source = KafkaSource::connect(&job)?;
+        let source = KafkaSource::connect(&job, shared.as_ref().map(|shared| shared.shuffle_topic().to_string()))?;
 
         let rate = RateController::new(job.rate, job.batch_interval)?;
         tracing::info!(
@@ -349,7 +389,10 @@ impl Engine {
             applied_starts: resume.applied_starts,
             newly_applied: Vec::new(),
             checkpoint: resume.offsets,
-            stateful: plugin.kind() != PluginKind::Transform,
+            group: BTreeMap::new(),
+            // With shared state the input's batches keep no state here (stage 1).
+            stateful: plugin.kind() != PluginKind::Transform && shared.is_none(),
+            shared: shared.is_some(),
         };
         let mut engine = Engine {
             job,
@@ -364,6 +407,7 @@ impl Engine {
             replays: VecDeque::new(),
             interrupted: resume.pending,
             reposition: false,
+            shared,
         };
         engine.rebalance()?;
         engine.check_alone()?;
@@ -374,7 +418,7 @@ impl Engine {
     /// A stateful or windowed job keeps its state in one local checkpoint, so it cannot share
     /// its input with another host: a second host is refused, before it processes anything.
     fn check_alone(&self) -> Result<()> {
-        if self.plugin.kind() == PluginKind::Transform {
+        if self.plugin.kind() == PluginKind::Transform || self.shared.is_some() {
             return Ok(());
         }
         let owned = self.source.partitions().count();
@@ -382,8 +426,9 @@ impl Engine {
         if owned < all {
             bail!(
                 "plugin {} is a {} plugin, and consumer group {} has another member: this host was assigned {owned} of \
-                 the {all} input partitions. A stateful job's keyed state lives in one host's checkpoint, so it runs on \
-                 one host at a time; stop the other host, or use another --group",
+                 the {all} input partitions. Without --shared-state a stateful job's keyed state lives in one host's \
+                 checkpoint, so it runs on one host at a time; start every host with --shared-state, stop the other \
+                 host, or use another --group",
                 self.plugin.identity().info.name,
                 self.plugin.kind(),
                 self.job.group
@@ -485,6 +530,7 @@ impl Engine {
                     schedule::next_batch_time(report.batch_time.max(batch_time - interval), now_ms(), interval);
             }
         }
+        tokio::task::block_in_place(|| self.publish_state_kept_alone())?;
         tracing::info!(
             "stopped after {} batches: {} records in, {} out, {} rejected, {} dead letters, {} skipped",
             summary.batches,
@@ -512,6 +558,8 @@ impl Engine {
     /// committed), new ones start where [`Positions`] says. The first time, the plan the last
     /// run left is reconciled with where the partitions start.
     fn rebalance(&mut self) -> Result<()> {
+        // State this host kept alone is published before any of it can move to another host.
+        self.publish_state_kept_alone()?;
         let database = match &mut self.sinks.postgres {
             Some(postgres) if self.job.postgres.as_ref().is_some_and(|pg| pg.mode == PostgresMode::Transactional) => {
                 Some(postgres.offsets()?)
@@ -541,6 +589,15 @@ impl Engine {
         }
         if !rebalanced.assigned.is_empty() {
             tracing::info!("member {member}: assigned {}", join(&rebalanced.assigned));
+        }
+        if let (Some(shared), Some(checkpoint)) = (&mut self.shared, &self.checkpoint) {
+            let topic = shared.shuffle_topic().to_string();
+            for partition in rebalanced.revoked.iter().filter(|p| p.topic == topic) {
+                shared.release(partition.partition as u32);
+            }
+            for partition in rebalanced.assigned.iter().filter(|p| p.topic == topic) {
+                shared.take(partition.partition as u32, &checkpoint.store)?;
+            }
         }
         self.reconcile_interrupted(&started);
         // A partition that moved to another member is replayed there, from the group's offset.
@@ -591,6 +648,10 @@ impl Engine {
         let mut started = BTreeMap::new();
         for partition in owned {
             let group = committed.get(&partition).cloned();
+            match &group {
+                Some(committed) => self.positions.group.insert(partition.clone(), committed.offset),
+                None => self.positions.group.remove(&partition),
+            };
             let offset = database.get(&partition).copied().or(group.as_ref().map(|c| c.offset));
             if let Some(offset) = offset {
                 tracing::info!("{partition} continues at {offset}, where its last committed batch ended");
@@ -619,6 +680,7 @@ impl Engine {
         if let Err(error) = self.sinks.kafka.abort() {
             tracing::warn!("cannot abort the transaction of batch {batch_time} ms: {error}");
         }
+        self.forget_uncommitted_state();
         self.replays.clear();
         self.reposition = true;
     }
@@ -733,16 +795,28 @@ impl Engine {
                 build: work.build.clone(),
             });
         }
-        let plan =
-            PendingBatch { batch_time, ranges: ranges.clone(), build: Some(self.plugin.identity().digest.clone()) };
+        let keyed = self.keyed(&work).with_context(|| format!("batch {batch_time} ms"))?;
+        let plan = PendingBatch {
+            batch_time,
+            ranges: ranges.clone(),
+            build: Some(self.plugin.identity().digest.clone()),
+            shared: matches!(keyed, Keyed::Shared(_)),
+        };
         if let Some(checkpoint) = &self.checkpoint
-            && !work.replayed
+            && (!work.replayed || self.shared.is_some())
         {
             // The plan is what the batch took, so a replay after a crash takes exactly that;
-            // it follows the batches a build on probation holds.
-            let mut pending: Vec<PendingBatch> =
-                self.probation().map(|probation| probation.held_plans.clone()).unwrap_or_default();
+            // it follows the batches a build on probation holds. A replay of a shared-state
+            // job is recorded again: how it runs (alone, or through the shuffle) decides how
+            // a crash after it is recovered.
+            let mut pending: Vec<PendingBatch> = match work.replayed {
+                true => Vec::new(),
+                false => self.probation().map(|probation| probation.held_plans.clone()).unwrap_or_default(),
+            };
             pending.push(plan.clone());
+            if work.replayed {
+                pending.extend(self.replays.iter().map(Replay::plan));
+            }
             checkpoint.store.begin_batch(&pending)?;
         }
         failpoint::reached("fetch");
@@ -781,19 +855,24 @@ impl Engine {
             BatchReport::abandoned(batch_time, ranges.clone(), scheduling_delay, took, Ending::RolledBack)
         };
         // A new version on probation gets no failure policy: any failure rolls it back.
-        let processed = match self.process(batch_time, &tasks, final_piece) {
+        let processed = match self.process(batch_time, &tasks, final_piece, keyed) {
             Ok(processed) => processed,
             Err(error) if self.on_probation() => return Ok(rolled_back(self, error)),
             Err(error) => return Err(error),
         };
-        let Processed { outputs, provenance, dead_letters, rejected, skipped, changes } = processed;
+        let Processed { outputs, provenance, dead_letters, rejected, skipped, changes, shuffled } = processed;
         failpoint::reached("plugin");
         let processed_at = started.elapsed();
 
         let mut delivered = Delivered::default();
         let mut fenced = false;
         if work.deliver {
-            match self.deliver(batch_time, &outputs, &provenance, dead_letters, &ranges) {
+            let shuffle = match shuffled.is_empty() {
+                true => Ok(()),
+                false => shared_state::send(&mut self.sinks.kafka, &shuffled, "write the shuffle topic"),
+            };
+            let sent = shuffle.and_then(|()| self.deliver(batch_time, &outputs, &provenance, dead_letters, &ranges));
+            match sent {
                 Ok(Ok(done)) => delivered = done,
                 Ok(Err(conflict)) => {
                     self.abandon(batch_time, &conflict);
@@ -892,10 +971,20 @@ impl Engine {
             }
         }
         // The group's offsets move to the ends of every batch committing now.
-        let group_ranges = match self.probation() {
+        let mut group_ranges = match self.probation() {
             Some(probation) => probation.ends(&plan.ranges),
             None => plan.ranges.clone(),
         };
+        // Offsets the group holds already are not committed again: an idle member's commits
+        // would only add to the coordinator's load, and a commit is what a member joining the
+        // group has to wait for (a commit refused during a rebalance is retried until the
+        // member has rejoined).
+        let newly_applied = &self.positions.newly_applied;
+        let group = &self.positions.group;
+        group_ranges.retain(|range| {
+            group.get(&range.partition) != Some(&range.until)
+                || newly_applied.iter().any(|(partition, _)| *partition == range.partition)
+        });
         if work.deliver && self.sinks.kafka.transactional() {
             let advanced = group_ranges.iter().any(|range| range.until > range.from);
             match commit::commit_transaction(
@@ -923,13 +1012,33 @@ impl Engine {
                 &self.job.instance_id,
                 self.plugin.identity(),
                 &self.positions.applied_starts,
+                self.shared.is_some() && !plan.shared,
             )?;
             if let GroupCommit::Fenced(reason) = group {
                 self.abandon(batch_time, &reason);
                 return Ok(Ending::Fenced);
             }
         }
-        let probation = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.take());
+        let mut probation = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.take());
+        let mut changes = changes;
+        if let Some(shared) = &mut self.shared {
+            // Stage 2's changes go to the changelog after the group commit and before the
+            // checkpoint's (docs/adr/0009), each batch's with its marker.
+            let schema = self.plugin.identity().info.state_schema_version;
+            let kafka = &mut self.sinks.kafka;
+            if let Some(probation) = &mut probation {
+                for (plan, held) in probation.held_plans.iter().zip(&mut probation.held).filter(|(plan, _)| plan.shared)
+                {
+                    let metas = std::mem::take(&mut held.changes.partitions);
+                    held.changes.partitions =
+                        shared.write_changelog(kafka, &held.changes.state, metas, plan.batch_time, held.schema)?;
+                }
+            }
+            if plan.shared {
+                let metas = std::mem::take(&mut changes.partitions);
+                changes.partitions = shared.write_changelog(kafka, &changes.state, metas, batch_time, schema)?;
+            }
+        }
         if let Some(checkpoint) = &mut self.checkpoint {
             let (plugin, config, member) =
                 (self.plugin.identity(), self.plugin.config(), self.job.instance_id.as_str());
@@ -961,10 +1070,16 @@ impl Engine {
             let pending: Vec<PendingBatch> = self.replays.iter().map(Replay::plan).collect();
             checkpoint.store.commit(&batches, &pending)?;
             checkpoint.last_batch = Some(batch_time);
+            if let Some(shared) = &mut self.shared {
+                for batch in &batches {
+                    shared.committed(&batch.changes.partitions);
+                }
+            }
         }
         self.positions.newly_applied.clear();
         for range in &group_ranges {
             self.positions.checkpoint.insert(range.partition.clone(), range.until);
+            self.positions.group.insert(range.partition.clone(), range.until);
         }
         if let Some(probation) = probation {
             self.probation_passed(probation);
@@ -1051,7 +1166,13 @@ impl Engine {
     /// the plugin could not be given. Nothing leaves the engine here: the result is delivered
     /// and committed by the caller. `final_piece`: the batch does not continue in another piece
     /// (a window slide is emitted only then).
-    fn process(&mut self, batch_time: i64, tasks: &[PartitionTask], final_piece: bool) -> Result<Processed> {
+    fn process(
+        &mut self,
+        batch_time: i64,
+        tasks: &[PartitionTask],
+        final_piece: bool,
+        keyed: Keyed,
+    ) -> Result<Processed> {
         self.plugin.begin_batch();
         let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
             let _work = panics::working_on(|| format!("running the plugin on {}", task.provenance()));
@@ -1122,6 +1243,7 @@ impl Engine {
             values.push(result.values);
         }
         let mut changes = BatchChanges::default();
+        let mut shuffled = Vec::new();
         if let Some(checkpoint) = &self.checkpoint {
             // A later piece of a batch folds into what the earlier pieces of its time left.
             let continuing = checkpoint.last_batch == Some(batch_time);
@@ -1130,14 +1252,40 @@ impl Engine {
             let view = StateView { checkpoint: &checkpoint.store, held: held.map_or(&[], |probation| &probation.held) };
             let keyed = match self.plugin.kind() {
                 PluginKind::Transform => Vec::new(),
-                PluginKind::Stateful => state::StateStep {
-                    runtime: &self.plugin,
-                    state: &view,
-                    partitions: checkpoint.state_partitions,
-                    timeout_ms: self.job.state_timeout.map(|timeout| timeout.as_millis() as i64),
-                    batch_time,
+                PluginKind::Stateful => {
+                    let ranges: Vec<OffsetRange> = tasks.iter().map(PartitionTask::range).collect();
+                    let (values, owned) = match (keyed, &mut self.shared) {
+                        (Keyed::InProcess, _) => (values, None),
+                        (Keyed::Alone { read_to }, Some(shared)) => {
+                            changes.partitions = shared.applied_alone(&ranges, &read_to);
+                            shared.advance(&changes.partitions);
+                            (values, None)
+                        }
+                        (Keyed::Shared(resolved), Some(shared)) => {
+                            shuffled = shared.stage_one(&ranges, values);
+                            let mut applied = Vec::with_capacity(resolved.len());
+                            for (partition, resolved) in resolved {
+                                if resolved.meta != shared.meta(partition) {
+                                    changes.partitions.push((partition, resolved.meta));
+                                }
+                                let values = resolved.values.into_iter().map(|(key, value)| KeyedValue { key, value });
+                                applied.push(values.collect());
+                            }
+                            shared.advance(&changes.partitions);
+                            (applied, Some(shared.owned().clone()))
+                        }
+                        (_, None) => bail!("keyed values for the shuffle topic in a job without --shared-state"),
+                    };
+                    state::StateStep {
+                        runtime: &self.plugin,
+                        state: &view,
+                        partitions: checkpoint.state_partitions,
+                        owned: owned.as_ref(),
+                        timeout_ms: self.job.state_timeout.map(|timeout| timeout.as_millis() as i64),
+                        batch_time,
+                    }
+                    .run(&mut self.instances, values, &mut changes)?
                 }
-                .run(&mut self.instances, values, &mut changes)?,
                 PluginKind::Windowed => {
                     let window = self.job.window.context("a windowed plugin needs --window")?;
                     window::WindowStep {
@@ -1157,7 +1305,85 @@ impl Engine {
             outputs.extend(keyed);
             provenance.push(outputs.len(), Provenance::State { partition: -1 });
         }
-        Ok(Processed { outputs, provenance, dead_letters, rejected, skipped, changes })
+        Ok(Processed { outputs, provenance, dead_letters, rejected, skipped, changes, shuffled })
+    }
+
+    /// Where this batch's keyed values go: with `--shared-state`, through the shuffle topic
+    /// unless this host runs the job alone — every input and state partition its own and
+    /// nothing left in its shuffle partitions — when the in-process shuffle is enough.
+    fn keyed(&mut self, work: &Work) -> Result<Keyed> {
+        let Some(shared) = &mut self.shared else { return Ok(Keyed::InProcess) };
+        if self.plugin.kind() != PluginKind::Stateful {
+            return Ok(Keyed::InProcess);
+        }
+        if !work.deliver {
+            // Rebuilding the state of a batch that ran alone (its values never reached the
+            // shuffle topic): in process again, as it ran.
+            if !shared.owns_all() {
+                bail!(
+                    "batch {} ms ran on this host alone and committed its offsets but not its state before the job \
+                     stopped; its state partitions have moved to other hosts since, so its state changes cannot be \
+                     rebuilt here. Stop the other hosts and start this one alone until it has run a batch",
+                    work.batch_time
+                );
+            }
+            return Ok(Keyed::Alone { read_to: BTreeMap::new() });
+        }
+        let source = &self.source;
+        let mut stage_two = shared.read_stage_two(|| source.committed(&source.all_input_partitions()?))?;
+        if stage_two.drained && shared.owns_all() && source.partitions().count() == source.all_partitions()? {
+            let read_to = stage_two.resolved.iter().map(|(partition, r)| (*partition, r.meta.resume)).collect();
+            return Ok(Keyed::Alone { read_to });
+        }
+        self.publish_state_kept_alone()?;
+        let shared = self.shared.as_mut().expect("checked above");
+        shared.published(&mut stage_two.resolved);
+        Ok(Keyed::Shared(stage_two.resolved))
+    }
+
+    /// With `--shared-state`: publishes the state partitions this host changed while running
+    /// alone to the changelog, then commits its input partitions' offsets again without the
+    /// "state kept alone" mark, so that another host may take them over. Runs before a group
+    /// change is applied, before the first batch that goes through the shuffle, and when the
+    /// job stops.
+    fn publish_state_kept_alone(&mut self) -> Result<()> {
+        let (Some(shared), Some(checkpoint)) = (&mut self.shared, &self.checkpoint) else { return Ok(()) };
+        if !shared.publish_dirty(&checkpoint.store, &mut self.sinks.kafka)? {
+            return Ok(());
+        }
+        let owned = self.partitions();
+        let committed = self.source.committed(&owned)?;
+        let ranges: Vec<OffsetRange> = committed
+            .iter()
+            .filter(|(_, committed)| committed.metadata.as_ref().is_some_and(|m| m.local_state))
+            .map(|(partition, committed)| OffsetRange {
+                partition: partition.clone(),
+                from: committed.offset,
+                until: committed.offset,
+            })
+            .collect();
+        let batch = checkpoint.last_batch.unwrap_or_default();
+        let (member, plugin) = (&self.job.instance_id, self.plugin.identity());
+        let commit = commit::commit_group(
+            &mut self.source,
+            &ranges,
+            batch,
+            member,
+            plugin,
+            &self.positions.applied_starts,
+            false,
+        )?;
+        if let GroupCommit::Fenced(reason) = commit {
+            tracing::warn!("published state kept alone, but could not mark its input offsets as published: {reason}");
+        }
+        Ok(())
+    }
+
+    /// Drops what batches not committed advanced in memory: they run again.
+    fn forget_uncommitted_state(&mut self) {
+        if let Some(shared) = &mut self.shared {
+            shared.forget_uncommitted();
+        }
     }
 }
 
@@ -1209,6 +1435,13 @@ fn check_job_fits_plugin(job: &JobConfig, plugin: &PluginRuntime) -> Result<()> 
         (PluginKind::Windowed | PluginKind::Transform, _, Some(_)) => {
             bail!("--state-timeout is for stateful plugins; plugin {name} is a {kind} plugin")
         }
+        _ if job.shared_state && kind != PluginKind::Stateful => bail!(
+            "--shared-state is for stateful plugins; plugin {name} is a {kind} plugin{}",
+            match kind {
+                PluginKind::Windowed => " (windowed jobs run on one host at a time for now)",
+                _ => " (a transform keeps no state: several hosts share it without this option)",
+            }
+        ),
         _ => Ok(()),
     }
 }
@@ -1250,8 +1483,10 @@ struct OpenedCheckpoint {
 }
 
 impl OpenedCheckpoint {
-    fn open(dir: &Path, job: &JobConfig) -> Result<OpenedCheckpoint> {
-        let mut store = Checkpoint::open(dir, job.parallelism as u32)?;
+    /// `state_partitions`: for a new checkpoint, the job's (from its shared-state topics);
+    /// today's default is one per worker.
+    fn open(dir: &Path, job: &JobConfig, state_partitions: Option<u32>) -> Result<OpenedCheckpoint> {
+        let mut store = Checkpoint::open(dir, state_partitions.unwrap_or(job.parallelism as u32))?;
         store.keep_touched_index(job.state_timeout.is_some())?;
         let resume = store.resume()?;
         Ok(OpenedCheckpoint { store, resume, builds: Builds::new(dir) })
@@ -1406,7 +1641,7 @@ fn log_batch(report: &BatchReport, member: &str) {
     );
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

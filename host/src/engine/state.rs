@@ -18,6 +18,8 @@ pub struct StateStep<'a> {
     /// The checkpoint, seen through uncommitted probation batches.
     pub state: &'a StateView<'a>,
     pub partitions: u32,
+    /// The state partitions this host owns (`--shared-state` with other hosts); `None`: all.
+    pub owned: Option<&'a std::collections::BTreeSet<u32>>,
     /// `--state-timeout`, in milliseconds.
     pub timeout_ms: Option<i64>,
     pub batch_time: i64,
@@ -87,6 +89,9 @@ impl StateStep<'_> {
         if let Some(timeout) = self.timeout_ms {
             for (key, state) in self.state.idle_keys(self.batch_time - timeout)? {
                 let partition = state_partition(&key, self.partitions) as usize;
+                if self.owned.is_some_and(|owned| !owned.contains(&(partition as u32))) {
+                    continue;
+                }
                 if !shuffled[partition].contains_key(&key) {
                     idle[partition].push((key, state));
                 }

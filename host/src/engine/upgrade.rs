@@ -273,6 +273,7 @@ impl Engine {
         for replay in again.into_iter().rev() {
             self.replays.push_front(replay);
         }
+        self.forget_uncommitted_state();
         let _ = probation.reply.send(UpgradeOutcome::RolledBack { from, to, batch: batch_time, reason: reason.into() });
         if let Some(checkpoint) = &mut self.checkpoint
             && self.plugin.kind() == PluginKind::Windowed

@@ -228,6 +228,9 @@ impl KafkaSink {
                 continue;
             }
             let mut record = BaseRecord::with_opaque_to(topic, index);
+            if let Some(partition) = output.partition() {
+                record = record.partition(partition);
+            }
             if let Some(key) = output.key() {
                 record = record.key(key);
             }

@@ -18,6 +18,10 @@ use crate::source::RawHeader;
 pub trait Outgoing {
     /// Its own target topic, if it names one.
     fn topic(&self) -> Option<&str>;
+    /// The partition it must go to; `None` lets the producer's partitioner choose.
+    fn partition(&self) -> Option<i32> {
+        None
+    }
     fn key(&self) -> Option<&[u8]>;
     fn value(&self) -> Option<&[u8]>;
     fn header_count(&self) -> usize;
@@ -28,6 +32,9 @@ pub trait Outgoing {
 impl<T: Outgoing> Outgoing for &T {
     fn topic(&self) -> Option<&str> {
         (*self).topic()
+    }
+    fn partition(&self) -> Option<i32> {
+        (*self).partition()
     }
     fn key(&self) -> Option<&[u8]> {
         (*self).key()

@@ -72,6 +72,14 @@ pub struct KafkaSource {
     known_at_start: BTreeSet<TopicPartition>,
     on_out_of_range: OnOffsetOutOfRange,
     faults: FaultLog,
+    /// With `--shared-state`: the job's shuffle topic, whose partitions the group assigns with
+    /// the input's (owning shuffle partition `s` is owning state partition `s`). They are
+    /// never fetched here: stage 2 reads them (see [`crate::shared_state`]).
+    state_topic: Option<String>,
+    /// The shuffle partitions this member owns.
+    state_partitions: BTreeSet<TopicPartition>,
+    /// Topics the job writes itself, never read as input even if `--topic-pattern` matches.
+    own_topics: Vec<String>,
 }
 
 /// Where one partition continues, and its queue of prefetched records.
@@ -114,6 +122,10 @@ pub struct CommitMetadata {
     /// The plugin build (SHA-256 prefix) that processed the batch.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub build: String,
+    /// With `--shared-state`: the batch ran on a host alone, so its state changes are in
+    /// that host's checkpoint and not (yet) in the changelog.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_state: bool,
 }
 
 impl CommitMetadata {
@@ -190,7 +202,7 @@ impl KafkaSource {
     /// Connects, checks the job's topics exist, joins the consumer group and waits for the
     /// coordinator's first answer (an assignment, possibly empty). Unreachable brokers are
     /// retried, each attempt logged, until `--broker-timeout`.
-    pub fn connect(job: &JobConfig) -> Result<KafkaSource> {
+    pub fn connect(job: &JobConfig, state_topic: Option<String>) -> Result<KafkaSource> {
         let mut config = job.kafka_client_config();
         config
             .set("group.id", &job.group)
@@ -227,6 +239,12 @@ impl KafkaSource {
             known_at_start: BTreeSet::new(),
             on_out_of_range: job.on_offset_out_of_range,
             faults: FaultLog::default(),
+            state_topic,
+            state_partitions: BTreeSet::new(),
+            own_topics: vec![
+                crate::shared_state::shuffle_topic(&job.group),
+                crate::shared_state::changelog_topic(&job.group),
+            ],
         };
 
         let partitions = source.discover()?;
@@ -258,6 +276,16 @@ impl KafkaSource {
         Ok(self.discover()?.len())
     }
 
+    /// Every partition of the job's topics now, whoever owns them.
+    pub fn all_input_partitions(&self) -> Result<Vec<TopicPartition>> {
+        self.discover()
+    }
+
+    /// The shuffle partitions (state partitions) this member owns, with `--shared-state`.
+    pub fn state_partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.state_partitions.iter().map(|p| p.partition as u32)
+    }
+
     /// Serves the consumer's events (group protocol, errors) without fetching: called while the
     /// batch loop waits, so a long batch interval never looks like a dead member.
     pub fn keep_alive(&mut self) -> Result<()> {
@@ -281,6 +309,9 @@ impl KafkaSource {
             match change {
                 Change::Revoked { partitions, lost } => {
                     self.release(&partitions)?;
+                    for partition in &partitions {
+                        self.state_partitions.remove(partition);
+                    }
                     newly.retain(|p| !partitions.contains(p));
                     if lost {
                         rebalanced.lost.extend(partitions.iter().cloned());
@@ -299,6 +330,26 @@ impl KafkaSource {
             }
         }
         self.consumer.context().clear_lost();
+        let state_topic = self.state_topic.as_deref();
+        let (state, newly): (Vec<TopicPartition>, Vec<TopicPartition>) =
+            newly.into_iter().partition(|p| Some(p.topic.as_str()) == state_topic);
+        if !state.is_empty() {
+            // Owned, never fetched by this consumer: assigned paused, at a position of its own
+            // (no committed offset is looked up for them).
+            let mut list = TopicPartitionList::new();
+            for partition in &state {
+                list.add_partition_offset(&partition.topic, partition.partition, Offset::Beginning)?;
+            }
+            if self.cooperative() {
+                self.consumer.incremental_assign(&list).context("cannot assign state partitions")?;
+            }
+            self.state_partitions.extend(state.iter().cloned());
+            if !self.cooperative() {
+                self.assign_all()?;
+            }
+            self.consumer.pause(&list_of(&state)).context("cannot pause state partitions")?;
+            rebalanced.assigned.extend(state);
+        }
         if newly.is_empty() {
             return Ok(rebalanced);
         }
@@ -651,6 +702,7 @@ impl KafkaSource {
         } else {
             // The eager protocol revokes everything before each new assignment.
             self.cursors.clear();
+            self.state_partitions.clear();
             self.consumer.unassign().context("cannot release revoked partitions")
         }
     }
@@ -661,7 +713,15 @@ impl KafkaSource {
         for (partition, cursor) in &self.cursors {
             list.add_partition_offset(&partition.topic, partition.partition, Offset::Offset(cursor.next))?;
         }
-        self.consumer.assign(&list).context("cannot assign partitions")
+        for partition in &self.state_partitions {
+            list.add_partition_offset(&partition.topic, partition.partition, Offset::Beginning)?;
+        }
+        self.consumer.assign(&list).context("cannot assign partitions")?;
+        if !self.state_partitions.is_empty() {
+            let state: Vec<TopicPartition> = self.state_partitions.iter().cloned().collect();
+            self.consumer.pause(&list_of(&state)).context("cannot pause state partitions")?;
+        }
+        Ok(())
     }
 
     fn cooperative(&self) -> bool {
@@ -672,7 +732,7 @@ impl KafkaSource {
         if topics.is_empty() {
             self.consumer.unsubscribe();
         } else {
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let names: Vec<&str> = topics.iter().map(String::as_str).chain(self.state_topic.as_deref()).collect();
             self.consumer.subscribe(&names).context("cannot subscribe to the job's topics")?;
         }
         self.subscribed = topics;
@@ -767,6 +827,9 @@ impl KafkaSource {
             self.retry("fetch topic metadata", |consumer, timeout| consumer.fetch_metadata(None, timeout))?;
         let mut partitions = Vec::new();
         for topic in metadata.topics() {
+            if self.own_topics.iter().any(|own| own == topic.name()) {
+                continue;
+            }
             let wanted = match &self.topics {
                 Topics::Named(names) => names.iter().any(|name| name == topic.name()),
                 Topics::Pattern(pattern) => !topic.name().starts_with("__") && pattern.is_match(topic.name()),
@@ -1077,7 +1140,13 @@ mod tests {
 
     #[test]
     fn commit_metadata_round_trips_and_ignores_other_tools() {
-        let metadata = CommitMetadata { batch: 1000, start: Some(42), member: "a".into(), build: "0123".into() };
+        let metadata = CommitMetadata {
+            batch: 1000,
+            start: Some(42),
+            member: "a".into(),
+            build: "0123".into(),
+            local_state: false,
+        };
         assert_eq!(CommitMetadata::decode(&metadata.encode()), Some(metadata));
         assert_eq!(CommitMetadata::decode(""), None);
         assert_eq!(CommitMetadata::decode("{\"batch\":1}"), None);
