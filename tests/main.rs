@@ -38,6 +38,8 @@ mod restarts;
 mod sandbox;
 /// Several hosts on one group: work split, hosts joining, leaving and dying; stateful refusal.
 mod scale_out;
+/// Stateful jobs on several hosts through the shuffle and changelog topics (`--shared-state`).
+mod shared_state;
 /// Word count with a checkpoint: exact state across restarts, crashes and kill -9.
 mod stateful;
 /// Tansu, an independent Kafka broker: committed transactions from its record batches, and

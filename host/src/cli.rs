@@ -71,10 +71,17 @@ pub struct UpgradeArgs {
 #[derive(Debug, Subcommand)]
 pub enum CheckpointCommand {
     /// Last batch, offsets per partition, plugin versions by batch, state size per state
-    /// partition and a few sample keys.
+    /// partition and a few sample keys; with `--shared-state`, where each state partition's
+    /// copy stands in its changelog (how far behind, given `--brokers` and `--group`).
     Inspect {
         /// The checkpoint directory.
         dir: PathBuf,
+        /// Bootstrap servers, to compare a shared-state job's copies with their changelog.
+        #[arg(long, value_name = "HOST:PORT,...", requires = "group")]
+        brokers: Option<String>,
+        /// The job's consumer group (its changelog topic is `<group>-changelog`).
+        #[arg(long, value_name = "NAME", requires = "brokers")]
+        group: Option<String>,
     },
     /// Every key's state, one JSON object per line: {"key": ..., "state": ...}.
     Dump {

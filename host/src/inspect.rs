@@ -14,8 +14,9 @@ const SAMPLE_KEYS: usize = 5;
 /// Longest state shown per sample key, in characters.
 const SAMPLE_WIDTH: usize = 60;
 
-/// The report of `host checkpoint inspect DIR`.
-pub fn inspect(dir: &Path) -> Result<String> {
+/// The report of `host checkpoint inspect DIR`; `changelog`: the brokers and group of a
+/// shared-state job, to say how far each state partition's copy is behind its changelog.
+pub fn inspect(dir: &Path, changelog: Option<(&str, &str)>) -> Result<String> {
     let view = CheckpointView::open(dir)?;
     let resume = view.resume()?;
     let mut text = String::new();
@@ -52,6 +53,31 @@ pub fn inspect(dir: &Path) -> Result<String> {
     writeln!(text, "state: {keys} keys, {bytes} bytes in {} state partitions", partitions.len())?;
     for (index, partition) in partitions.iter().enumerate() {
         writeln!(text, "  partition {index}: {} keys, {} bytes", partition.keys, partition.bytes)?;
+    }
+    let metas = view.partition_metas()?;
+    if !metas.is_empty() {
+        let ends = match changelog {
+            Some((brokers, group)) => Some(crate::shared_state::changelog_ends(brokers, group, metas.keys().copied())?),
+            None => None,
+        };
+        writeln!(text, "shared state (copies of state partitions this host has held):")?;
+        for (partition, meta) in &metas {
+            let behind = match ends.as_ref().and_then(|ends| ends.get(partition)) {
+                Some(end) if meta.dirty => format!(", changelog ends at {end}"),
+                Some(end) => format!(", {} changelog records behind", (end - meta.changelog).max(0)),
+                None => String::new(),
+            };
+            let dirty = if meta.dirty { " (newer than the changelog: this host ran alone)" } else { "" };
+            let applied: Vec<String> = meta.applied.iter().map(|(p, offset)| format!("{p}={offset}")).collect();
+            writeln!(
+                text,
+                "  partition {partition}: changelog offset {}{behind}{dirty}; shuffle resumes at {}; input applied up \
+                 to {}",
+                meta.changelog,
+                meta.resume,
+                if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") }
+            )?;
+        }
     }
     if !schemas.is_empty() {
         let versions: Vec<String> = schemas.iter().map(|(schema, keys)| format!("{keys} keys at v{schema}")).collect();

@@ -49,8 +49,10 @@ fn try_main() -> Result<()> {
             Command::Run(args) => run(*args).await,
             Command::Demo(args) => sluice_host::demo::run(args).await,
             Command::DevBroker(args) => dev_broker(args).await,
-            Command::Checkpoint(CheckpointCommand::Inspect { dir }) => {
-                print!("{}", sluice_host::inspect::inspect(&dir)?);
+            Command::Checkpoint(CheckpointCommand::Inspect { dir, brokers, group }) => {
+                let changelog = brokers.as_deref().zip(group.as_deref());
+                let report = tokio::task::block_in_place(|| sluice_host::inspect::inspect(&dir, changelog))?;
+                print!("{report}");
                 Ok(())
             }
             Command::Upgrade(args) => upgrade(args),

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Checkpoint, STATE, StoredState, TOUCHED, state_partition};
+use super::{Checkpoint, CheckpointView, STATE, StoredState, TOUCHED, state_partition};
 use crate::offsets::TopicPartition;
 
 /// state partition → JSON [`PartitionMeta`].
@@ -48,23 +48,17 @@ impl PartitionMeta {
     }
 }
 
+impl CheckpointView {
+    /// Every state partition's meta the checkpoint has (`--shared-state` jobs).
+    pub fn partition_metas(&self) -> Result<BTreeMap<u32, PartitionMeta>> {
+        read_metas(&self.begin_read()?)
+    }
+}
+
 impl Checkpoint {
     /// Every state partition's meta this checkpoint has.
     pub fn partition_metas(&self) -> Result<BTreeMap<u32, PartitionMeta>> {
-        let txn = self.db.begin_read()?;
-        let mut metas = BTreeMap::new();
-        let table = match txn.open_table(PARTITION_META) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(metas),
-            Err(error) => return Err(error.into()),
-        };
-        for entry in table.iter()? {
-            let (partition, json) = entry?;
-            let meta = serde_json::from_str(json.value())
-                .with_context(|| format!("unreadable meta of state partition {}", partition.value()))?;
-            metas.insert(partition.value(), meta);
-        }
-        Ok(metas)
+        read_metas(&self.db.begin_read()?)
     }
 
     /// Every key of state partition `partition` (of `partitions`) with its state: a snapshot.
@@ -116,6 +110,22 @@ impl Checkpoint {
         write_metas(&txn, metas)?;
         txn.commit().with_context(|| format!("cannot record state partitions in {}", self.path.display()))
     }
+}
+
+fn read_metas(txn: &redb::ReadTransaction) -> Result<BTreeMap<u32, PartitionMeta>> {
+    let mut metas = BTreeMap::new();
+    let table = match txn.open_table(PARTITION_META) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(metas),
+        Err(error) => return Err(error.into()),
+    };
+    for entry in table.iter()? {
+        let (partition, json) = entry?;
+        let meta = serde_json::from_str(json.value())
+            .with_context(|| format!("unreadable meta of state partition {}", partition.value()))?;
+        metas.insert(partition.value(), meta);
+    }
+    Ok(metas)
 }
 
 pub(super) fn write_metas(txn: &redb::WriteTransaction, metas: &[(u32, PartitionMeta)]) -> Result<()> {

@@ -603,7 +603,12 @@ impl Engine {
         // A partition that moved to another member is replayed there, from the group's offset.
         let owned: Vec<TopicPartition> = self.source.partitions().cloned().collect();
         if let Some(upgrades) = &self.upgrades {
-            upgrades.status.lock().expect("not poisoned").partitions = owned.iter().map(ToString::to_string).collect();
+            // With shared state, the state partitions held show as their shuffle partitions.
+            let state = self.shared.as_ref().map(|shared| {
+                shared.owned().iter().map(|p| TopicPartition::new(shared.shuffle_topic(), *p as i32)).collect()
+            });
+            let held = owned.iter().chain(state.as_ref().map_or(&[][..], Vec::as_slice));
+            upgrades.status.lock().expect("not poisoned").partitions = held.map(ToString::to_string).collect();
         }
         for replay in &mut self.replays {
             replay.ranges.retain(|range| owned.contains(&range.partition));
@@ -970,11 +975,42 @@ impl Engine {
                 return Ok(Ending::Held);
             }
         }
+        let mut changes = changes;
+        if let Some(shared) = &mut self.shared {
+            // Stage 2's changes go to the changelog before the group commit: they depend only
+            // on stage-1 batches committed earlier, so a batch that fails from here on leaves a
+            // changelog its state partition's next owner (or its own restore) continues from
+            // (docs/adr/0009). Each batch's changes end with its marker.
+            let schema = self.plugin.identity().info.state_schema_version;
+            let kafka = &mut self.sinks.kafka;
+            if let Some(probation) = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.as_mut()) {
+                for (plan, held) in probation.held_plans.iter().zip(&mut probation.held).filter(|(plan, _)| plan.shared)
+                {
+                    let metas = std::mem::take(&mut held.changes.partitions);
+                    held.changes.partitions =
+                        shared.write_changelog(kafka, &held.changes.state, metas, plan.batch_time, held.schema)?;
+                }
+            }
+            if plan.shared {
+                let metas = std::mem::take(&mut changes.partitions);
+                changes.partitions = shared.write_changelog(kafka, &changes.state, metas, batch_time, schema)?;
+            }
+        }
         // The group's offsets move to the ends of every batch committing now.
         let mut group_ranges = match self.probation() {
             Some(probation) => probation.ends(&plan.ranges),
             None => plan.ranges.clone(),
         };
+        // Where stage 2 stands in each shuffle partition goes to the group too: not the
+        // authority (the state partition's meta is), but what `host status` and any Kafka
+        // tool show as the shuffle's lag.
+        if let Some(shared) = self.shared.as_ref().filter(|_| plan.shared) {
+            group_ranges.extend(changes.partitions.iter().map(|(partition, meta)| OffsetRange {
+                partition: TopicPartition::new(shared.shuffle_topic(), *partition as i32),
+                from: meta.resume,
+                until: meta.resume,
+            }));
+        }
         // Offsets the group holds already are not committed again: an idle member's commits
         // would only add to the coordinator's load, and a commit is what a member joining the
         // group has to wait for (a commit refused during a rebalance is retried until the
@@ -1019,26 +1055,7 @@ impl Engine {
                 return Ok(Ending::Fenced);
             }
         }
-        let mut probation = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.take());
-        let mut changes = changes;
-        if let Some(shared) = &mut self.shared {
-            // Stage 2's changes go to the changelog after the group commit and before the
-            // checkpoint's (docs/adr/0009), each batch's with its marker.
-            let schema = self.plugin.identity().info.state_schema_version;
-            let kafka = &mut self.sinks.kafka;
-            if let Some(probation) = &mut probation {
-                for (plan, held) in probation.held_plans.iter().zip(&mut probation.held).filter(|(plan, _)| plan.shared)
-                {
-                    let metas = std::mem::take(&mut held.changes.partitions);
-                    held.changes.partitions =
-                        shared.write_changelog(kafka, &held.changes.state, metas, plan.batch_time, held.schema)?;
-                }
-            }
-            if plan.shared {
-                let metas = std::mem::take(&mut changes.partitions);
-                changes.partitions = shared.write_changelog(kafka, &changes.state, metas, batch_time, schema)?;
-            }
-        }
+        let probation = self.upgrades.as_mut().and_then(|upgrades| upgrades.probation.take());
         if let Some(checkpoint) = &mut self.checkpoint {
             let (plugin, config, member) =
                 (self.plugin.identity(), self.plugin.config(), self.job.instance_id.as_str());

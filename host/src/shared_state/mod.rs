@@ -136,6 +136,29 @@ fn create_topics(config: &ClientConfig, topics: &[&String], partitions: u32, cha
     Ok(())
 }
 
+/// The end offset of each of `partitions` of `group`'s changelog (for `host checkpoint
+/// inspect`).
+pub fn changelog_ends(brokers: &str, group: &str, partitions: impl Iterator<Item = u32>) -> Result<BTreeMap<u32, i64>> {
+    let client: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().context("cannot create a Kafka client")?;
+    let topic = changelog_topic(group);
+    let mut query = TopicPartitionList::new();
+    for partition in partitions {
+        query.add_partition_offset(&topic, partition as i32, Offset::End)?;
+    }
+    let answer = client
+        .offsets_for_times(query, Duration::from_secs(10))
+        .with_context(|| format!("cannot list the offsets of {topic} at {brokers}"))?;
+    Ok(answer
+        .elements()
+        .iter()
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some((element.partition() as u32, offset)),
+            _ => None,
+        })
+        .collect())
+}
+
 /// This host's side of the job's shared state.
 pub struct SharedState {
     shuffle: String,

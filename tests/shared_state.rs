@@ -1,0 +1,261 @@
+//! Stateful jobs on several hosts (`--shared-state`) over the mock cluster as a process: keyed
+//! values cross hosts through the job's shuffle topic, state partitions move through its
+//! changelog when hosts join, leave and die, and every word is counted exactly once — judged
+//! from the hosts' checkpoints and from the outputs read back with confluent-kafka.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{
+    BrokerProcess, Input, Running, consume, host, offsets, owned, produce, records_in, run_host, unique, upgrade,
+    wait_until,
+};
+use crate::stateful::{count, word_counts};
+
+const LIMIT: Duration = Duration::from_secs(120);
+/// State partitions of the tests' jobs: the partition count of their shuffle and changelog.
+const STATE_PARTITIONS: u32 = 6;
+/// Distinct words in the word-count input.
+const VOCABULARY: usize = 100_000;
+
+/// `host run` of the word count as member `host-N` of `group`, sharing its state.
+fn word_count_host(
+    brokers: &str,
+    topic: &str,
+    output: &str,
+    group: &str,
+    n: usize,
+    dir: &Path,
+) -> std::process::Command {
+    let mut command = host();
+    command
+        .args(["run", "--plugin", sluice_plugin_artifacts::WORDCOUNT, "--brokers", brokers, "--topic", topic])
+        .args(["--group", group, "--output-topic", output, "--instance-id", &format!("host-{n}")])
+        .args(["--shared-state", "--checkpoint"])
+        .arg(dir.join(format!("host-{n}")))
+        .args(["--admin-address", "127.0.0.1:0", "--session-timeout", "6s", "--broker-timeout", "10s"])
+        .args(["--auto-offset-reset", "earliest", "--batch-interval", "300ms", "--kafka", "fetch.wait.max.ms=20"])
+        .args(["--max-rate-per-partition", "1500"]);
+    command
+}
+
+/// Lines of three words over 12 partitions: every word of the vocabulary appears, plus words
+/// drawn from a seeded generator (some words many times).
+fn lines(first: usize, count: usize, seed: u64) -> Vec<Input> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (first..first + count)
+        .map(|i| {
+            let (a, b) = ((2 * i) % VOCABULARY, (2 * i + 1) % VOCABULARY);
+            let c = (next() % (VOCABULARY as u64 / 50)) as usize;
+            Input { partition: (i % 12) as i32, key: None, value: format!("w{a} w{b} w{c}") }
+        })
+        .collect()
+}
+
+fn caught_up(brokers: &str, topic: &str, group: &str) -> bool {
+    offsets(brokers, topic, group).values().all(|o| o.end == 0 || o.committed == Some(o.end))
+}
+
+/// Each state partition's owner now, by the hosts' assignment log lines: the host assigned it
+/// last, unless it gave it up since. (A host whose session expired while it was busy may not
+/// have noticed yet that it lost its partitions: the newer assignment is the coordinator's.)
+fn state_owners(hosts: &mut BTreeMap<usize, Running>, shuffle: &str) -> BTreeMap<u32, usize> {
+    let partition = regex::Regex::new(&format!(r"{}:(\d+)", regex::escape(shuffle))).unwrap();
+    let mut changes: Vec<(String, usize, bool, u32)> = Vec::new();
+    for (n, host) in hosts.iter_mut() {
+        for line in host.drain_log() {
+            let (time, rest) = line.split_once(' ').unwrap_or_default();
+            let added = match () {
+                _ if rest.contains(": assigned ") => true,
+                _ if rest.contains(": revoked ") || rest.contains(": lost ") => false,
+                _ => continue,
+            };
+            for found in partition.captures_iter(rest) {
+                changes.push((time.to_string(), *n, added, found[1].parse().unwrap()));
+            }
+        }
+    }
+    changes.sort();
+    let mut owners = BTreeMap::new();
+    for (_, n, added, partition) in changes {
+        match added {
+            true => {
+                owners.insert(partition, n);
+            }
+            false if owners.get(&partition) == Some(&n) => {
+                owners.remove(&partition);
+            }
+            false => {}
+        }
+    }
+    owners
+}
+
+/// The state of every key, each from the checkpoint of the host owning its state partition.
+fn owned_state(owners: &BTreeMap<u32, usize>, dir: &Path) -> BTreeMap<String, u64> {
+    let mut state = BTreeMap::new();
+    for n in owners.values().collect::<BTreeSet<_>>() {
+        for (key, count) in word_counts(&dir.join(format!("host-{n}"))) {
+            let partition = sluice_host::checkpoint::state_partition(key.as_bytes(), STATE_PARTITIONS);
+            if owners.get(&partition) == Some(n) {
+                state.insert(key, count);
+            }
+        }
+    }
+    state
+}
+
+/// Each word's highest running total among the outputs; panics on a total above the word's
+/// count (a value applied twice).
+fn final_totals(brokers: &str, output: &str, expected: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    for record in consume(brokers, output) {
+        let value = record.value.unwrap();
+        let (word, total) = value.trim_matches(|c| c == '(' || c == ')').split_once(',').unwrap();
+        let total: u64 = total.parse().unwrap();
+        let count = expected.get(word).copied().unwrap_or_default();
+        assert!(total <= count, "{word} reached {total} but occurs {count} times: a value was counted twice");
+        let best = totals.entry(word.to_string()).or_default();
+        *best = (*best).max(total);
+    }
+    totals
+}
+
+#[test]
+fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_leaves() {
+    let (topic, output, group) = (unique("words"), unique("counts"), unique("wc"));
+    let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
+    let broker = BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, 6), (&changelog, 6)]);
+    let dir = tempfile::tempdir().unwrap();
+    let job = |n: usize| word_count_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+    let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
+    let inputs = lines(0, 60_000, seed);
+    let chunk = |from: usize, until: usize| &inputs[from..until];
+
+    // One host alone: the in-process shuffle, its state in its checkpoint only.
+    produce(&broker.brokers, &topic, chunk(0, 12_000));
+    let mut hosts: BTreeMap<usize, Running> = BTreeMap::from([(1, Running::start(job(1)))]);
+    wait_until("host-1 has counted the first lines", || caught_up(&broker.brokers, &topic, &group));
+
+    // Two more join: host-1 publishes its state and hands partitions over.
+    for n in [2, 3] {
+        hosts.insert(n, Running::start(job(n)));
+    }
+    // (The assignor balances partitions over both topics: a host may run one stage only.)
+    wait_until("the three hosts share the work", || hosts.values_mut().all(|host| !owned(host).is_empty()));
+    produce(&broker.brokers, &topic, chunk(12_000, 30_000));
+
+    // One dies mid-run, at a seeded moment; a fresh host joins.
+    let victim = 2 + (seed % 2) as usize;
+    let counted = records_in(hosts.get_mut(&victim).unwrap());
+    let threshold = counted + 500 + (seed as usize * 977) % 3_000;
+    wait_until("the victim has counted more", || {
+        records_in(hosts.get_mut(&victim).unwrap()) >= threshold || caught_up(&broker.brokers, &topic, &group)
+    });
+    let killed = hosts.remove(&victim).unwrap().kill();
+    hosts.insert(4, Running::start(job(4)));
+    produce(&broker.brokers, &topic, chunk(30_000, 45_000));
+
+    // The first host leaves gracefully.
+    wait_until("host-4 has joined", || !owned(hosts.get_mut(&4).unwrap()).is_empty());
+    let left = hosts.remove(&1).unwrap().stop();
+    produce(&broker.brokers, &topic, chunk(45_000, 60_000));
+
+    wait_until("the input and the shuffle are committed to their ends", || {
+        caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group)
+    });
+    let owners = state_owners(&mut hosts, &shuffle);
+    assert_eq!(owners.len() as u32, STATE_PARTITIONS, "every state partition has an owner: {owners:?}");
+    let mut logs = vec![killed, left];
+    for (_, host) in std::mem::take(&mut hosts) {
+        logs.push(host.stop());
+    }
+    let expected = count(&inputs);
+    assert!(expected.len() >= VOCABULARY, "{} distinct words", expected.len());
+    let state = owned_state(&owners, dir.path());
+    let wrong: Vec<_> = expected.iter().filter(|(word, n)| state.get(*word) != Some(n)).take(5).collect();
+    assert!(
+        wrong.is_empty() && state.len() == expected.len(),
+        "state differs from the count ({} keys, {} expected), e.g. {wrong:?}; restores: {:?}",
+        state.len(),
+        expected.len(),
+        logs.iter()
+            .flatten()
+            .filter(|line| line.contains("restored") || line.contains("published"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(final_totals(&broker.brokers, &output, &expected), expected, "final totals in the outputs");
+    // The hand-overs happened through the changelog.
+    let all: Vec<&String> = logs.iter().flatten().collect();
+    assert!(all.iter().any(|line| line.contains("published state partitions")), "host-1 published its state");
+    assert!(all.iter().any(|line| line.contains("restored state partition")), "someone restored from the changelog");
+}
+
+#[test]
+fn a_shared_state_job_refuses_topics_it_cannot_use_before_reading() {
+    let (topic, group) = (unique("words"), unique("wc"));
+    // The mock cluster cannot create topics: the job names what it needs and how to make it.
+    let broker = BrokerProcess::start(&[(&topic, 4), (&format!("{group}-shuffle"), 3)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = word_count_host(&broker.brokers, &topic, "out", &group, 1, dir.path());
+    run_host(&mut command, LIMIT).assert_error(&[&format!("{group}-changelog"), "with 3 partitions", "--topic"]);
+    // A checkpoint made for another number of state partitions is refused too.
+    let other = unique("wc");
+    let broker =
+        BrokerProcess::start(&[(&topic, 4), (&format!("{other}-shuffle"), 3), (&format!("{other}-changelog"), 5)]);
+    let mut command = word_count_host(&broker.brokers, &topic, "out", &other, 1, dir.path());
+    run_host(&mut command, LIMIT).assert_error(&[
+        &format!("{other}-changelog"),
+        "has 5 partitions",
+        "3 state partitions",
+    ]);
+    assert!(offsets(&broker.brokers, &topic, &other).values().all(|o| o.committed.is_none()), "nothing committed");
+}
+
+#[test]
+fn a_new_state_schema_rolled_across_shared_state_hosts_keeps_every_count_exact() {
+    let (topic, output, group) = (unique("words"), unique("counts"), unique("wc"));
+    let shuffle = format!("{group}-shuffle");
+    let broker = BrokerProcess::start(&[(&topic, 12), (&output, 2), (&shuffle, 6), (&format!("{group}-changelog"), 6)]);
+    let dir = tempfile::tempdir().unwrap();
+    let job = |n: usize| word_count_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+    let inputs = lines(0, 4_000, 7);
+    produce(&broker.brokers, &topic, &inputs[..400]);
+    let mut hosts: Vec<Running> = (1..=2).map(|n| Running::start(job(n))).collect();
+    wait_until("both hosts share the work", || hosts.iter_mut().all(|host| !owned(host).is_empty()));
+
+    // v2 keeps its state as JSON (state schema 2) and migrates v1's keys as it meets them; it
+    // is rolled host by host while records flow, each host holding its first batches on
+    // probation before they commit.
+    let producer = {
+        let (brokers, topic, rest) = (broker.brokers.clone(), topic.clone(), inputs[400..].to_vec());
+        std::thread::spawn(move || {
+            for chunk in rest.chunks(150) {
+                produce(&brokers, &topic, chunk);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    for n in 1..=2 {
+        let upgraded = upgrade(sluice_plugin_artifacts::WORDCOUNT_V2, &dir.path().join(format!("host-{n}")), &[]);
+        upgraded.assert_success();
+        assert!(upgraded.stdout().contains("to wordcount 2.0.0"), "{}", upgraded.stdout());
+    }
+    producer.join().unwrap();
+    wait_until("the input and the shuffle are committed to their ends", || {
+        caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group)
+    });
+    let mut hosts: BTreeMap<usize, Running> = (1..).zip(hosts).collect();
+    let owners = state_owners(&mut hosts, &shuffle);
+    for (_, host) in hosts {
+        host.stop();
+    }
+    assert_eq!(owned_state(&owners, dir.path()), count(&inputs));
+}
