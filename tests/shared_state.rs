@@ -59,6 +59,29 @@ fn lines(first: usize, count: usize, seed: u64) -> Vec<Input> {
         .collect()
 }
 
+/// As [`crate::harness::wait_until`], showing every host's latest log lines and `state()`
+/// when it times out.
+fn wait_for_hosts(
+    hosts: &mut BTreeMap<usize, Running>,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+    state: impl Fn() -> String,
+) {
+    let started = std::time::Instant::now();
+    while !done() {
+        if started.elapsed() > Duration::from_secs(150) {
+            let telling = ["assigned", "revoked", "lost", "restored", "published", "abandoned", "WARN", "ERROR"];
+            for (n, host) in hosts.iter_mut() {
+                let log: Vec<&String> =
+                    host.drain_log().iter().filter(|line| telling.iter().any(|t| line.contains(t))).collect();
+                eprintln!("--- host-{n}:\n{}", log.iter().map(|line| line.as_str()).collect::<Vec<_>>().join("\n"));
+            }
+            panic!("timed out waiting until {what}: {}", state());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn caught_up(brokers: &str, topic: &str, group: &str) -> bool {
     offsets(brokers, topic, group).values().all(|o| o.end == 0 || o.committed == Some(o.end))
 }
@@ -168,9 +191,12 @@ fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_le
     let left = hosts.remove(&1).unwrap().stop();
     produce(&broker.brokers, &topic, chunk(45_000, 60_000));
 
-    wait_until("the input and the shuffle are committed to their ends", || {
-        caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group)
-    });
+    wait_for_hosts(
+        &mut hosts,
+        "the input and the shuffle are committed to their ends",
+        || caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
+        || format!("{:?}\n{:?}", offsets(&broker.brokers, &topic, &group), offsets(&broker.brokers, &shuffle, &group)),
+    );
     let owners = state_owners(&mut hosts, &shuffle);
     assert_eq!(owners.len() as u32, STATE_PARTITIONS, "every state partition has an owner: {owners:?}");
     let mut logs = vec![killed, left];

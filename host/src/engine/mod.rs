@@ -1004,7 +1004,7 @@ impl Engine {
         // Where stage 2 stands in each shuffle partition goes to the group too: not the
         // authority (the state partition's meta is), but what `host status` and any Kafka
         // tool show as the shuffle's lag.
-        if let Some(shared) = self.shared.as_ref().filter(|_| plan.shared) {
+        if let Some(shared) = &self.shared {
             group_ranges.extend(changes.partitions.iter().map(|(partition, meta)| OffsetRange {
                 partition: TopicPartition::new(shared.shuffle_topic(), *partition as i32),
                 from: meta.resume,

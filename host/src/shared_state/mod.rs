@@ -28,6 +28,8 @@ use crate::runtime::KeyedValue;
 use crate::sinks::KafkaSink;
 use crate::source::{Committed, SourceRecord, retry_until};
 
+/// A state partition waiting this long for a committed batch's values is warned about.
+const WAITING_WARNING: Duration = Duration::from_secs(10);
 /// How long one poll of the state reader waits for records.
 const READ_POLL: Duration = Duration::from_millis(100);
 
@@ -175,6 +177,9 @@ pub struct SharedState {
     member: String,
     broker_timeout: Duration,
     brokers: String,
+    /// Since when each state partition waits for a committed batch's values (warned about
+    /// when it lasts).
+    waiting_since: BTreeMap<u32, Instant>,
 }
 
 /// What stage 2 read for a batch.
@@ -215,6 +220,7 @@ impl SharedState {
             member: job.instance_id.clone(),
             broker_timeout: job.broker_timeout,
             brokers: job.brokers.clone(),
+            waiting_since: BTreeMap::new(),
         })
     }
 
@@ -366,7 +372,19 @@ impl SharedState {
                 .with_context(|| format!("shuffle partition {partition}"))?;
             let outcome = chain::resolve(partition, entries, &self.meta(partition), &commits, end)?;
             if !outcome.waiting.is_empty() {
-                tracing::debug!("state partition {partition} waits for batches of {:?}", outcome.waiting);
+                let waiting: Vec<String> = outcome.waiting.iter().map(ToString::to_string).collect();
+                let since = *self.waiting_since.entry(partition).or_insert_with(Instant::now);
+                if since.elapsed() > WAITING_WARNING {
+                    tracing::warn!(
+                        "state partition {partition} has waited {} s for the committed batches of {} to reach its \
+                         shuffle partition (read from offset {start})",
+                        since.elapsed().as_secs(),
+                        waiting.join(", ")
+                    );
+                    self.waiting_since.insert(partition, Instant::now());
+                }
+            } else {
+                self.waiting_since.remove(&partition);
             }
             resolved.insert(partition, outcome);
         }
