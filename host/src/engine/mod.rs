@@ -371,7 +371,9 @@ impl Engine {
             print: job.print.map(PrintSink::new),
             postgres,
         };
-        let source = KafkaSource::connect(&job, shared.as_ref().map(|shared| shared.shuffle_topic().to_string()))?;
+        let own_topics = [shared_state::shuffle_topic(&job.group), shared_state::changelog_topic(&job.group)];
+        let state_topic = shared.as_ref().map(|shared| shared.shuffle_topic().to_string());
+        let source = KafkaSource::connect(&job, state_topic, own_topics.to_vec())?;
 
         let rate = RateController::new(job.rate, job.batch_interval)?;
         tracing::info!(
@@ -1658,7 +1660,7 @@ fn log_batch(report: &BatchReport, member: &str) {
     );
 }
 
-pub(crate) fn now_ms() -> i64 {
+fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

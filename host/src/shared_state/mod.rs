@@ -311,7 +311,8 @@ impl SharedState {
             return Ok(false);
         }
         let started = Instant::now();
-        let writer = format!("{}@snapshot-{}", self.member, crate::engine::now_ms());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let writer = format!("{}@snapshot-{}", self.member, now.as_millis());
         let mut records = Vec::new();
         let mut metas = Vec::new();
         for &partition in &dirty {

@@ -202,7 +202,9 @@ impl KafkaSource {
     /// Connects, checks the job's topics exist, joins the consumer group and waits for the
     /// coordinator's first answer (an assignment, possibly empty). Unreachable brokers are
     /// retried, each attempt logged, until `--broker-timeout`.
-    pub fn connect(job: &JobConfig, state_topic: Option<String>) -> Result<KafkaSource> {
+    /// `state_topic`: the shuffle topic of a `--shared-state` job; `own_topics`: the topics the
+    /// job writes itself, never read as its input.
+    pub fn connect(job: &JobConfig, state_topic: Option<String>, own_topics: Vec<String>) -> Result<KafkaSource> {
         let mut config = job.kafka_client_config();
         config
             .set("group.id", &job.group)
@@ -241,10 +243,7 @@ impl KafkaSource {
             faults: FaultLog::default(),
             state_topic,
             state_partitions: BTreeSet::new(),
-            own_topics: vec![
-                crate::shared_state::shuffle_topic(&job.group),
-                crate::shared_state::changelog_topic(&job.group),
-            ],
+            own_topics,
         };
 
         let partitions = source.discover()?;
