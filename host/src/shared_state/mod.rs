@@ -251,6 +251,16 @@ impl SharedState {
             return Ok(());
         }
         let started = Instant::now();
+        let low = self.bounds(&self.changelog.clone(), &[partition], Offset::Beginning)?[&partition];
+        if low > meta.changelog {
+            bail!(
+                "changelog partition {}:{partition} starts at offset {low}, and this host's copy of state partition \
+                 {partition} continues from {}: changes it needs were deleted, so a restore would be incomplete. The \
+                 changelog must be compacted (cleanup.policy=compact), never trimmed by retention",
+                self.changelog,
+                meta.changelog
+            );
+        }
         let (records, end) =
             self.read(&self.changelog.clone(), &[(partition, meta.changelog)])?.remove(&partition).unwrap_or_default();
         let mut meta = meta;
