@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::harness::{
-    BrokerProcess, Input, Running, consume, host, offsets, owned, produce, records_in, run_host, unique, upgrade,
-    wait_until,
+    BrokerProcess, Input, Running, TansuBroker, consume, host, offsets, owned, produce, produce_one_by_one, records_in,
+    run_host, unique, upgrade, wait_until,
 };
 use crate::stateful::{count, word_counts};
 
@@ -284,4 +284,31 @@ fn a_new_state_schema_rolled_across_shared_state_hosts_keeps_every_count_exact()
         host.stop();
     }
     assert_eq!(owned_state(&owners, dir.path()), count(&inputs));
+}
+
+#[test]
+fn on_tansu_a_shared_state_job_creates_its_topics_and_publishes_its_state_when_it_stops() {
+    let (topic, output, group) = (unique("words"), unique("counts"), unique("wc"));
+    // Tansu answers CreateTopics: the job makes its shuffle and changelog topics itself.
+    let broker = TansuBroker::start(&[(&topic, 2), (&output, 1)]);
+    let inputs: Vec<Input> =
+        (0..60).map(|n| Input { partition: n % 2, key: None, value: format!("w{} w{}", n % 7, n % 3) }).collect();
+    produce_one_by_one(&broker.brokers, &topic, &inputs);
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = word_count_host(&broker.brokers, &topic, &output, &group, 1, dir.path());
+    command.args(["--parallelism", "3", "--stop-when-caught-up"]);
+    let run = run_host(&mut command, LIMIT);
+    run.assert_success();
+    let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
+    assert!(run.stderr().contains(&format!("created {shuffle} and {changelog} with 3 partitions")), "{}", run.stderr());
+    assert!(run.stderr().contains("published state partitions [0, 1, 2]"), "{}", run.stderr());
+    assert_eq!(word_counts(&dir.path().join("host-1")), count(&inputs));
+    // What it published, read back by another client: the words' states. (Tansu reports a
+    // log end that hides the rest of a produce batch, so only a prefix may be visible.)
+    let published = consume(&broker.brokers, &changelog);
+    let words: BTreeSet<String> =
+        published.iter().filter_map(|record| record.key.clone()).filter(|key| !key.starts_with('\0')).collect();
+    let expected: BTreeSet<String> = count(&inputs).into_keys().collect();
+    assert!(!words.is_empty() && words.is_subset(&expected), "{words:?}");
+    assert_eq!(offsets(&broker.brokers, &shuffle, &group).len(), 3, "the shuffle topic has 3 partitions");
 }
