@@ -105,7 +105,7 @@ def consume(args):
                 "offset": message.offset(),
                 "key": key.decode() if key is not None else None,
                 "value": message.value().decode() if message.value() is not None else None,
-                "headers": {k: (v.decode() if v is not None else None) for k, v in (message.headers() or [])},
+                "headers": {k: (v.decode(errors="backslashreplace") if v is not None else None) for k, v in (message.headers() or [])},
             }
         )
         if message.offset() + 1 >= remaining.get(message.partition(), 0):
