@@ -95,3 +95,60 @@ for name, items in ((f"restore on join (host b, no copy of its own)", on_join),
               f"({n / s:,.0f} records/s, {n / s / rate:.2f} x the counting rate)")
 print(f"hand-off after kill -9 of host {victim}: {handed - killed:.1f} s until host {survivor} ran a batch with its "
       f"state partitions (includes the 6 s session timeout and the rebalance)")
+
+# The price of the two stages: the same KEYS records counted by one host alone (in-process
+# shuffle) and by two hosts sharing the state (shuffle topic + changelog), each measured from
+# the first record produced to the group's commits reaching the log ends (input, and for two
+# hosts the shuffle too), with the hosts already in their group.
+from confluent_kafka import Consumer, TopicPartition
+
+def committed_to_end(group, topic, partitions):
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = consumer.committed(parts, timeout=10)
+        return all(c.offset == consumer.get_watermark_offsets(TopicPartition(topic, c.partition), timeout=10)[1]
+                   for c in committed)
+    finally:
+        consumer.close()
+
+def timed_count(group, names):
+    global broker
+    broker = subprocess.Popen([HOST, "dev-broker", "--topic", "words:12", "--topic", f"{group}-shuffle:24",
+                               "--topic", f"{group}-changelog:24"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    global brokers
+    brokers = broker.stdout.readline().strip()
+    hosts.clear()
+    for name in names:
+        start_in(group, name)
+    wait("the hosts to join", lambda: all(any(f"member {n}: assigned" in l for l in log(n)) for n in names))
+    time.sleep(12)  # the cooperative rounds settle
+    began = time.time()
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000})
+    for i in range(KEYS):
+        while True:
+            try:
+                producer.produce("words", value=f"w{i}".encode(), partition=i % 12)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush()
+    topics = [("words", 12)] + ([(f"{group}-shuffle", 24)] if len(names) > 1 else [])
+    wait("the counts", lambda: all(committed_to_end(group, t, n) for t, n in topics), limit=600)
+    took = time.time() - began
+    for process in list(hosts.values()) + [broker]:
+        process.kill()
+    return KEYS / took
+
+def start_in(group, name):
+    log_file = open(os.path.join(work, name + ".log"), "w")
+    hosts[name] = subprocess.Popen([HOST, "run", "--plugin", PLUGIN, "--brokers", brokers, "--topic", "words",
+        "--group", group, "--checkpoint", os.path.join(work, name), "--shared-state", "--instance-id", name,
+        "--auto-offset-reset", "earliest", "--batch-interval", "1s", "--session-timeout", "6s",
+        "--admin-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log_file)
+
+alone = timed_count("alone", ["e"])
+shared = timed_count("twostage", ["f", "g"])
+print(f"counting {KEYS:,} new keys, hosts already running: one host alone {alone:,.0f} records/s; "
+      f"two hosts through the shuffle and changelog {shared:,.0f} records/s ({shared / alone:.2f} x), on 2 cores")
