@@ -34,7 +34,7 @@ fn word_count_host(
         .args(["--group", group, "--output-topic", output, "--instance-id", &format!("host-{n}")])
         .args(["--shared-state", "--checkpoint"])
         .arg(dir.join(format!("host-{n}")))
-        .args(["--admin-address", "127.0.0.1:0", "--session-timeout", "6s", "--broker-timeout", "10s"])
+        .args(["--admin-address", "127.0.0.1:0", "--session-timeout", "6s"])
         .args(["--auto-offset-reset", "earliest", "--batch-interval", "300ms", "--kafka", "fetch.wait.max.ms=20"])
         .args(["--max-rate-per-partition", "1500"]);
     command
@@ -157,7 +157,13 @@ fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_le
     let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
     let broker = BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, 6), (&changelog, 6)]);
     let dir = tempfile::tempdir().unwrap();
-    let job = |n: usize| word_count_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+    // A commit refused while the group rebalances under load is given up (fenced) after
+    // --broker-timeout: 10 s keeps the many rebalances of this test short.
+    let job = |n: usize| {
+        let mut command = word_count_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+        command.args(["--broker-timeout", "10s"]);
+        command
+    };
     let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
     let inputs = lines(0, 60_000, seed);
     let chunk = |from: usize, until: usize| &inputs[from..until];
@@ -311,4 +317,43 @@ fn on_tansu_a_shared_state_job_creates_its_topics_and_publishes_its_state_when_i
     let expected: BTreeSet<String> = count(&inputs).into_keys().collect();
     assert!(!words.is_empty() && words.is_subset(&expected), "{words:?}");
     assert_eq!(offsets(&broker.brokers, &shuffle, &group).len(), 3, "the shuffle topic has 3 partitions");
+    // Where each state partition's copy stands against its changelog.
+    let inspect = run_host(
+        host().args(["checkpoint", "inspect"]).arg(dir.path().join("host-1")).args([
+            "--brokers",
+            &broker.brokers,
+            "--group",
+            &group,
+        ]),
+        LIMIT,
+    );
+    inspect.assert_success();
+    for partition in 0..3 {
+        let line = format!("partition {partition}: changelog offset ");
+        let shown = inspect.stdout().lines().find(|l| l.contains(&line)).map(str::to_string).unwrap_or_default();
+        assert!(shown.contains(", 0 changelog records behind;"), "{}", inspect.stdout());
+    }
+}
+
+#[test]
+fn a_host_that_ran_alone_and_died_unpublished_is_not_taken_over() {
+    let (topic, output, group) = (unique("words"), unique("counts"), unique("wc"));
+    let broker = BrokerProcess::start(&[
+        (&topic, 12),
+        (&output, 1),
+        (&format!("{group}-shuffle"), 3),
+        (&format!("{group}-changelog"), 3),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    produce(&broker.brokers, &topic, &lines(0, 400, 3));
+    let mut alone = Running::start(word_count_host(&broker.brokers, &topic, &output, &group, 1, dir.path()));
+    wait_until("host-1 counted alone", || caught_up(&broker.brokers, &topic, &group));
+    // Its state is in its checkpoint only: killed, it never publishes it.
+    alone.drain();
+    assert!(!alone.seen.iter().any(|line| line.contains("published")));
+    alone.kill();
+    let before = offsets(&broker.brokers, &topic, &group);
+    let mut command = word_count_host(&broker.brokers, &topic, &output, &group, 2, dir.path());
+    run_host(&mut command, LIMIT).assert_error(&["member host-1 processed it alone", "has not published that state"]);
+    assert_eq!(offsets(&broker.brokers, &topic, &group), before, "host-2 committed nothing");
 }

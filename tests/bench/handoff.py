@@ -10,7 +10,7 @@ from the hosts' own log lines.
     cargo build --release -p sluice-host && python3 tests/bench/handoff.py [KEYS]
 """
 import os, re, signal, subprocess, sys, tempfile, time
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 KEYS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -18,27 +18,39 @@ HOST = os.path.join(ROOT, "target/release/host")
 PLUGIN = os.path.join(ROOT, "target/plugins/wasm32-wasip2/release/wordcount.wasm")
 RESTORED = re.compile(r"restored state partition \d+ .*\((\d+) records\) in ([\d.]+) s")
 work = tempfile.mkdtemp()
-broker = subprocess.Popen([HOST, "dev-broker", "--topic", "words:12", "--topic", "handoff-shuffle:24",
-                           "--topic", "handoff-changelog:24"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-brokers = broker.stdout.readline().strip()
-
-producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000})
-for i in range(KEYS):
-    while True:
-        try:
-            producer.produce("words", value=f"w{i}".encode(), partition=i % 12)
-            break
-        except BufferError:
-            producer.poll(0.05)
-producer.flush()
-
 hosts = {}
-def start(name):
-    log = open(os.path.join(work, name + ".log"), "w")
+
+
+def start_broker(group):
+    """The embedded broker with the input and the job's own topics (24 partitions each: the mock
+    cluster keeps about 100k records per partition)."""
+    broker = subprocess.Popen([HOST, "dev-broker", "--topic", "words:12", "--topic", f"{group}-shuffle:24",
+                               "--topic", f"{group}-changelog:24"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    return broker, broker.stdout.readline().strip()
+
+
+def produce_keys(brokers):
+    """KEYS records, each a word of its own."""
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000})
+    for i in range(KEYS):
+        while True:
+            try:
+                producer.produce("words", value=f"w{i}".encode(), partition=i % 12)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush()
+
+
+def start(brokers, group, name):
+    log_file = open(os.path.join(work, name + ".log"), "w")
     hosts[name] = subprocess.Popen([HOST, "run", "--plugin", PLUGIN, "--brokers", brokers, "--topic", "words",
-        "--group", "handoff", "--checkpoint", os.path.join(work, name), "--shared-state", "--instance-id", name,
+        "--group", group, "--checkpoint", os.path.join(work, name), "--shared-state", "--instance-id", name,
         "--auto-offset-reset", "earliest", "--batch-interval", "1s", "--session-timeout", "6s",
-        "--admin-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log)
+        "--admin-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log_file)
+
+
 def log(name):
     return open(os.path.join(work, name + ".log")).read().splitlines()
 def wait(what, done, limit=300):
@@ -51,11 +63,13 @@ def holds_state(name):
     assigned = [line for line in log(name) if f"member {name}: assigned" in line or f"member {name}: revoked" in line]
     return bool(assigned) and "assigned" in assigned[-1] and "shuffle" in assigned[-1]
 
+broker, brokers = start_broker("handoff")
+produce_keys(brokers)
 started = time.time()
-start("a")
+start(brokers, "handoff", "a")
 wait("a to count everything", lambda: any("no new records" in line for line in log("a")))
 counted = time.time()
-start("b")
+start(brokers, "handoff", "b")
 wait("b to join", lambda: any("member b: assigned" in line for line in log("b")))
 stable = [0, None]
 def settled():  # b's assignment unchanged for 10 s
@@ -100,53 +114,32 @@ print(f"hand-off after kill -9 of host {victim}: {handed - killed:.1f} s until h
 # shuffle) and by two hosts sharing the state (shuffle topic + changelog), each measured from
 # the first record produced to the group's commits reaching the log ends (input, and for two
 # hosts the shuffle too), with the hosts already in their group.
-from confluent_kafka import Consumer, TopicPartition
-
-def committed_to_end(group, topic, partitions):
+def committed_to_end(brokers, group, topic, partitions):
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False})
     try:
-        parts = [TopicPartition(topic, p) for p in range(partitions)]
-        committed = consumer.committed(parts, timeout=10)
+        committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return all(c.offset == consumer.get_watermark_offsets(TopicPartition(topic, c.partition), timeout=10)[1]
                    for c in committed)
     finally:
         consumer.close()
 
+
 def timed_count(group, names):
-    global broker
-    broker = subprocess.Popen([HOST, "dev-broker", "--topic", "words:12", "--topic", f"{group}-shuffle:24",
-                               "--topic", f"{group}-changelog:24"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
-    global brokers
-    brokers = broker.stdout.readline().strip()
+    broker, brokers = start_broker(group)
     hosts.clear()
     for name in names:
-        start_in(group, name)
+        start(brokers, group, name)
     wait("the hosts to join", lambda: all(any(f"member {n}: assigned" in l for l in log(n)) for n in names))
     time.sleep(12)  # the cooperative rounds settle
     began = time.time()
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 20, "batch.num.messages": 10000})
-    for i in range(KEYS):
-        while True:
-            try:
-                producer.produce("words", value=f"w{i}".encode(), partition=i % 12)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush()
+    produce_keys(brokers)
     topics = [("words", 12)] + ([(f"{group}-shuffle", 24)] if len(names) > 1 else [])
-    wait("the counts", lambda: all(committed_to_end(group, t, n) for t, n in topics), limit=600)
+    wait("the counts", lambda: all(committed_to_end(brokers, group, t, n) for t, n in topics), limit=600)
     took = time.time() - began
     for process in list(hosts.values()) + [broker]:
         process.kill()
     return KEYS / took
 
-def start_in(group, name):
-    log_file = open(os.path.join(work, name + ".log"), "w")
-    hosts[name] = subprocess.Popen([HOST, "run", "--plugin", PLUGIN, "--brokers", brokers, "--topic", "words",
-        "--group", group, "--checkpoint", os.path.join(work, name), "--shared-state", "--instance-id", name,
-        "--auto-offset-reset", "earliest", "--batch-interval", "1s", "--session-timeout", "6s",
-        "--admin-address", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=log_file)
 
 alone = timed_count("alone", ["e"])
 shared = timed_count("twostage", ["f", "g"])

@@ -1331,10 +1331,8 @@ impl Engine {
     /// unless this host runs the job alone — every input and state partition its own and
     /// nothing left in its shuffle partitions — when the in-process shuffle is enough.
     fn keyed(&mut self, work: &Work) -> Result<Keyed> {
+        // Only stateful plugins run with shared state (check_job_fits_plugin).
         let Some(shared) = &mut self.shared else { return Ok(Keyed::InProcess) };
-        if self.plugin.kind() != PluginKind::Stateful {
-            return Ok(Keyed::InProcess);
-        }
         if !work.deliver {
             // Rebuilding the state of a batch that ran alone (its values never reached the
             // shuffle topic): in process again, as it ran.

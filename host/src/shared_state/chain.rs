@@ -28,8 +28,6 @@ pub struct Resolved {
     pub values: Vec<(Vec<u8>, Vec<u8>)>,
     /// The partition's meta with the applied offsets moved and the shuffle's new resume point.
     pub meta: PartitionMeta,
-    /// Ranges applied.
-    pub ranges: usize,
     /// Input partitions whose committed range is not in the shuffle yet (or no longer).
     pub waiting: Vec<TopicPartition>,
 }
@@ -84,7 +82,6 @@ pub fn resolve(
             let attempt = attempts[index].take().expect("each attempt once");
             resolved.values.extend(attempt.values);
             resolved.meta.set_applied(&source, attempt.range.until);
-            resolved.ranges += 1;
         }
         // What is left waits for its commit, unless the applied offset has passed its start.
         let applied = resolved.meta.applied(&source);

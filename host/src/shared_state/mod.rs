@@ -47,15 +47,20 @@ pub fn changelog_topic(group: &str) -> String {
 /// partitions a new checkpoint of the job takes.
 pub fn existing_state_partitions(job: &JobConfig) -> Result<Option<u32>> {
     let probe: BaseConsumer = job.kafka_client_config().create().context("cannot create a Kafka client")?;
+    Ok(partition_counts(job, &probe)?.get(&shuffle_topic(&job.group)).copied())
+}
+
+/// Every topic the brokers know, with its partition count.
+fn partition_counts(job: &JobConfig, probe: &BaseConsumer) -> Result<BTreeMap<String, u32>> {
     let metadata = retry_until(job.broker_timeout, "fetch topic metadata", &job.brokers, |timeout| {
         probe.fetch_metadata(None, timeout)
     })?;
-    let shuffle = shuffle_topic(&job.group);
     Ok(metadata
         .topics()
         .iter()
-        .find(|topic| topic.name() == shuffle && topic.error().is_none())
-        .map(|topic| topic.partitions().len() as u32))
+        .filter(|topic| topic.error().is_none())
+        .map(|topic| (topic.name().to_string(), topic.partitions().len() as u32))
+        .collect())
 }
 
 /// Makes sure the job's shuffle and changelog topics exist with one partition per state
@@ -64,19 +69,8 @@ pub fn existing_state_partitions(job: &JobConfig) -> Result<Option<u32>> {
 pub fn prepare_topics(job: &JobConfig, partitions: u32) -> Result<()> {
     let config = job.kafka_client_config();
     let probe: BaseConsumer = config.create().context("cannot create a Kafka client")?;
-    let counts = |probe: &BaseConsumer| -> Result<BTreeMap<String, u32>> {
-        let metadata = retry_until(job.broker_timeout, "fetch topic metadata", &job.brokers, |timeout| {
-            probe.fetch_metadata(None, timeout)
-        })?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .filter(|topic| topic.error().is_none())
-            .map(|topic| (topic.name().to_string(), topic.partitions().len() as u32))
-            .collect())
-    };
     let (shuffle, changelog) = (shuffle_topic(&job.group), changelog_topic(&job.group));
-    let mut existing = counts(&probe)?;
+    let mut existing = partition_counts(job, &probe)?;
     let missing: Vec<&String> = [&shuffle, &changelog].into_iter().filter(|t| !existing.contains_key(*t)).collect();
     if !missing.is_empty() {
         let count = partitions;
@@ -97,7 +91,7 @@ pub fn prepare_topics(job: &JobConfig, partitions: u32) -> Result<()> {
                 bail!("topics {missing:?} were created but do not appear in the brokers' metadata");
             }
             std::thread::sleep(Duration::from_millis(100));
-            existing = counts(&probe)?;
+            existing = partition_counts(job, &probe)?;
         }
         tracing::info!(
             "created {} with {count} partitions",
@@ -143,22 +137,40 @@ fn create_topics(config: &ClientConfig, topics: &[&String], partitions: u32, cha
 pub fn changelog_ends(brokers: &str, group: &str, partitions: impl Iterator<Item = u32>) -> Result<BTreeMap<u32, i64>> {
     let client: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", brokers).create().context("cannot create a Kafka client")?;
-    let topic = changelog_topic(group);
-    let mut query = TopicPartitionList::new();
-    for partition in partitions {
-        query.add_partition_offset(&topic, partition as i32, Offset::End)?;
+    let partitions: Vec<u32> = partitions.collect();
+    list_offsets(&client, &changelog_topic(group), &partitions, Offset::End, Duration::from_secs(10), brokers)
+}
+
+/// `which` offset (log start or end) of each of `topic`'s `partitions`, retried until
+/// `timeout`.
+fn list_offsets(
+    client: &BaseConsumer,
+    topic: &str,
+    partitions: &[u32],
+    which: Offset,
+    timeout: Duration,
+    brokers: &str,
+) -> Result<BTreeMap<u32, i64>> {
+    if partitions.is_empty() {
+        return Ok(BTreeMap::new());
     }
-    let answer = client
-        .offsets_for_times(query, Duration::from_secs(10))
-        .with_context(|| format!("cannot list the offsets of {topic} at {brokers}"))?;
-    Ok(answer
-        .elements()
-        .iter()
-        .filter_map(|element| match element.offset() {
-            Offset::Offset(offset) => Some((element.partition() as u32, offset)),
-            _ => None,
-        })
-        .collect())
+    let mut query = TopicPartitionList::new();
+    for &partition in partitions {
+        query.add_partition_offset(topic, partition as i32, which)?;
+    }
+    let answer = retry_until(timeout, &format!("list the offsets of {topic}"), brokers, |timeout| {
+        client.offsets_for_times(query.clone(), timeout)
+    })?;
+    let mut offsets = BTreeMap::new();
+    for element in answer.elements() {
+        if let Offset::Offset(offset) = element.offset() {
+            offsets.insert(element.partition() as u32, offset);
+        }
+    }
+    if let Some(partition) = partitions.iter().find(|partition| !offsets.contains_key(partition)) {
+        bail!("the brokers returned no offsets for {topic}:{partition}");
+    }
+    Ok(offsets)
 }
 
 /// This host's side of the job's shared state.
@@ -261,7 +273,7 @@ impl SharedState {
                 meta.changelog
             );
         }
-        let (records, end) =
+        let (records, _) =
             self.read(&self.changelog.clone(), &[(partition, meta.changelog)])?.remove(&partition).unwrap_or_default();
         let mut meta = meta;
         let (mut batch, mut keys, mut batches) = (Vec::new(), 0usize, 0usize);
@@ -286,9 +298,6 @@ impl SharedState {
                     batch.clear();
                 }
             }
-        }
-        if meta.changelog < end && batches == 0 && records.is_empty() {
-            meta.changelog = end;
         }
         self.metas.insert(partition, meta);
         if !records.is_empty() {
@@ -531,12 +540,10 @@ impl SharedState {
     fn read(&self, topic: &str, starts: &[(u32, i64)]) -> Result<BTreeMap<u32, (Vec<SourceRecord>, i64)>> {
         let partitions: Vec<u32> = starts.iter().map(|(p, _)| *p).collect();
         let ends = self.ends(topic, &partitions)?;
-        let lows = self.bounds(topic, &partitions, Offset::Beginning)?;
         let mut read: BTreeMap<u32, (Vec<SourceRecord>, i64)> = BTreeMap::new();
         let mut list = TopicPartitionList::new();
         let mut left: BTreeMap<i32, i64> = BTreeMap::new();
         for &(partition, start) in starts {
-            let start = start.max(lows[&partition]);
             let end = ends[&partition];
             read.insert(partition, (Vec::new(), end));
             if start < end {
@@ -595,29 +602,7 @@ impl SharedState {
     }
 
     fn bounds(&self, topic: &str, partitions: &[u32], which: Offset) -> Result<BTreeMap<u32, i64>> {
-        if partitions.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let mut query = TopicPartitionList::new();
-        for &partition in partitions {
-            query.add_partition_offset(topic, partition as i32, which)?;
-        }
-        let answer =
-            retry_until(self.broker_timeout, &format!("list the offsets of {topic}"), &self.brokers, |timeout| {
-                self.reader.offsets_for_times(query.clone(), timeout)
-            })?;
-        let mut bounds = BTreeMap::new();
-        for element in answer.elements() {
-            if let Offset::Offset(offset) = element.offset() {
-                bounds.insert(element.partition() as u32, offset);
-            }
-        }
-        for partition in partitions {
-            if !bounds.contains_key(partition) {
-                bail!("the brokers returned no offsets for {topic}:{partition}");
-            }
-        }
-        Ok(bounds)
+        list_offsets(&self.reader, topic, partitions, which, self.broker_timeout, &self.brokers)
     }
 }
 

@@ -235,18 +235,16 @@ impl ChangelogEntry {
 mod tests {
     use super::*;
 
+    /// A record's headers as a reader gets them back.
+    fn raw(record: &StageRecord) -> Vec<RawHeader> {
+        record.headers.iter().map(|(n, v)| RawHeader { name: n.as_bytes().to_vec(), value: Some(v.clone()) }).collect()
+    }
+
     #[test]
     fn shuffle_headers_round_trip() {
         let range = SourceRange { source: TopicPartition::new("words", 7), from: 12, until: 40 };
         let value = StageRecord::shuffled("s", 3, &range, b"k".to_vec(), b"v".to_vec());
         let end = StageRecord::shuffle_end("s", 3, &range, 9);
-        let raw = |record: &StageRecord| {
-            record
-                .headers
-                .iter()
-                .map(|(n, v)| RawHeader { name: n.as_bytes().to_vec(), value: Some(v.clone()) })
-                .collect::<Vec<_>>()
-        };
         let read = ShuffleEntry::read(5, Some(b"k"), Some(b"v"), &raw(&value)).unwrap();
         assert_eq!(read.range, range);
         assert_eq!(read.kind, EntryKind::Value { key: b"k".to_vec(), value: b"v".to_vec() });
@@ -256,13 +254,6 @@ mod tests {
 
     #[test]
     fn changelog_records_round_trip() {
-        let raw = |record: &StageRecord| {
-            record
-                .headers
-                .iter()
-                .map(|(n, v)| RawHeader { name: n.as_bytes().to_vec(), value: Some(v.clone()) })
-                .collect::<Vec<_>>()
-        };
         let put = StageRecord::state("c", 0, "a@1", b"k".to_vec(), Some((17, 2, b"s".to_vec())));
         assert_eq!(
             ChangelogEntry::read(0, Some(b"k"), put.value.as_deref(), &raw(&put)).unwrap(),

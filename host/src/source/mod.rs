@@ -280,11 +280,6 @@ impl KafkaSource {
         self.discover()
     }
 
-    /// The shuffle partitions (state partitions) this member owns, with `--shared-state`.
-    pub fn state_partitions(&self) -> impl Iterator<Item = u32> + '_ {
-        self.state_partitions.iter().map(|p| p.partition as u32)
-    }
-
     /// Serves the consumer's events (group protocol, errors) without fetching: called while the
     /// batch loop waits, so a long batch interval never looks like a dead member.
     pub fn keep_alive(&mut self) -> Result<()> {
