@@ -47,7 +47,7 @@ fn flood(address: SocketAddr, head: &[u8], filler: &[u8], total: usize) -> (usiz
 }
 
 fn status_answers(dir: &std::path::Path) {
-    let status = run_host(host().arg("status").arg("--checkpoint").arg(dir), LIMIT);
+    let status = run_host(host().args(["status", "--json"]).arg("--checkpoint").arg(dir), LIMIT);
     status.assert_success();
     assert!(status.stdout().contains(r#""name": "busy""#), "{}", status.stdout());
 }

@@ -28,6 +28,8 @@ mod flow_control;
 mod graceful_stop;
 /// Plugins written to hurt the host: aliasing and huge results, many memories, endless calls.
 mod hostile;
+/// Metrics, the Streaming page in a browser, and `host status` against the log and clients.
+mod monitoring;
 /// Records from foreign producers: any header bytes, odd keys, tombstones; panics named.
 mod odd_records;
 /// The PostgreSQL sink against a real server: transactions, upserts, bad databases.

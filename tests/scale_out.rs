@@ -49,8 +49,10 @@ fn three_hosts_share_twelve_partitions_and_deliver_every_record_once() {
     wait_until("the group has committed every partition to its end", || caught_up(&broker.brokers, &topic, &group));
 
     // The group as its commits describe it: three members, four partitions each.
-    let status =
-        run_host(host().args(["status", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]), LIMIT);
+    let status = run_host(
+        host().args(["status", "--json", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]),
+        LIMIT,
+    );
     status.assert_success();
     let view: serde_json::Value = serde_json::from_str(&status.stdout()).unwrap();
     let members: BTreeMap<String, usize> = view["members"]
@@ -217,7 +219,7 @@ fn an_upgrade_rolled_across_a_group_host_by_host_keeps_every_record_once() {
         let upgraded = upgrade(sluice_plugin_artifacts::ETL_V2, dir.path(), &[]);
         upgraded.assert_success();
         assert!(upgraded.stdout().contains("to etl 2.0.0"), "{}", upgraded.stdout());
-        let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
+        let status = run_host(host().args(["status", "--json"]).arg("--checkpoint").arg(dir.path()), LIMIT);
         let status: serde_json::Value = serde_json::from_str(&status.stdout()).unwrap();
         digests.push(status["plugin"]["digest"].as_str().unwrap()[..12].to_string());
     }
@@ -225,8 +227,10 @@ fn an_upgrade_rolled_across_a_group_host_by_host_keeps_every_record_once() {
     wait_until("the group caught up", || caught_up(&broker.brokers, &topic, &group));
 
     // The group's commits name the new build for every member.
-    let status =
-        run_host(host().args(["status", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]), LIMIT);
+    let status = run_host(
+        host().args(["status", "--json", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]),
+        LIMIT,
+    );
     let view: serde_json::Value = serde_json::from_str(&status.stdout()).unwrap();
     let builds: BTreeMap<String, Vec<String>> = view["members"]
         .as_array()

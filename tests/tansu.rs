@@ -105,8 +105,10 @@ fn three_hosts_on_tansu_share_the_partitions_and_deliver_every_record_once() {
     let settled = started.elapsed();
     // The coordinator's view (DescribeGroups): three live members. Tansu reports no client ids
     // or assignments, so only their number is checked here.
-    let status =
-        run_host(host().args(["status", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]), LIMIT);
+    let status = run_host(
+        host().args(["status", "--json", "--brokers", &broker.brokers, "--group", &group, "--topic", &topic]),
+        LIMIT,
+    );
     let view: serde_json::Value = serde_json::from_str(&status.assert_success().stdout()).unwrap();
     assert_eq!(view["live"].as_array().map(Vec::len), Some(3), "{view}");
     produce_one_by_one(&broker.brokers, &topic, &case.lines[120..]);

@@ -106,7 +106,7 @@ fn a_new_version_that_traps_is_rolled_back_and_the_old_one_reprocesses_its_batch
     upgrading.join().unwrap().assert_error(&["rolled back from misbehave 0.1.0", "to busy 0.1.0", "(trap)"]);
     producer.join().unwrap();
     wait_caught_up(&broker.brokers, &topic);
-    let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
+    let status = run_host(host().args(["status", "--json"]).arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""name": "busy""#), "busy runs again:\n{}", status.stdout());
     running.stop();
 
@@ -153,7 +153,7 @@ fn bad_upgrades_are_refused_while_the_running_version_keeps_processing() {
     // Still top3, still processing.
     produce(&broker.brokers, &topic, &(20..30).map(sale).collect::<Vec<_>>());
     wait_caught_up(&broker.brokers, &topic);
-    let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
+    let status = run_host(host().args(["status", "--json"]).arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""name": "top3""#), "{}", status.stdout());
     running.stop();
 }
@@ -244,7 +244,7 @@ fn word_count_v2_failing_its_second_probation_batch_is_rolled_back_and_counts_st
     // v1 goes on, from state it can read: the held batch and the failed one counted once, by v1.
     produce(&broker.brokers, &topic, &produced[41..]);
     wait_caught_up(&broker.brokers, &topic);
-    let status = run_host(host().arg("status").arg("--checkpoint").arg(dir.path()), LIMIT);
+    let status = run_host(host().args(["status", "--json"]).arg("--checkpoint").arg(dir.path()), LIMIT);
     assert!(status.stdout().contains(r#""version": "0.1.0""#), "v1 runs again:\n{}", status.stdout());
     running.stop();
     let mut all = produced;

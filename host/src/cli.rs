@@ -51,6 +51,9 @@ pub struct StatusArgs {
     /// Bootstrap servers of the group's cluster.
     #[arg(long, env = "SLUICE_BROKERS", value_name = "HOST:PORT,...", default_value = "127.0.0.1:9092")]
     pub brokers: String,
+    /// Print the status as JSON instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `host upgrade`.

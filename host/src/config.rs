@@ -23,6 +23,8 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_BATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// The lowest rate backpressure chooses when no `--backpressure-min-rate` is given (Spark's).
 pub const DEFAULT_BACKPRESSURE_MIN_RATE: f64 = 100.0;
+/// Batches the Streaming page keeps when no `--page-batches` is given.
+const DEFAULT_PAGE_BATCHES: usize = 100;
 /// Where the admin endpoint listens when no `--admin-address` is given: any free loopback port.
 pub const DEFAULT_ADMIN_ADDRESS: std::net::SocketAddr =
     std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0));
@@ -294,6 +296,15 @@ pub struct JobOptions {
     #[arg(long, env = "SLUICE_ADMIN_ADDRESS", value_name = "HOST:PORT")]
     pub admin_address: Option<std::net::SocketAddr>,
 
+    /// Serve Prometheus metrics at /metrics and the Streaming page at / on this address (e.g.
+    /// 127.0.0.1:9464; off unless given). Read-only: upgrades stay on the admin endpoint.
+    #[arg(long, env = "SLUICE_METRICS_ADDRESS", value_name = "HOST:PORT")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
+    /// Batches the Streaming page keeps and charts [default: 100].
+    #[arg(long, env = "SLUICE_PAGE_BATCHES", value_name = "N")]
+    pub page_batches: Option<usize>,
+
     /// PostgreSQL connection for the table sink, e.g. `postgres://user@127.0.0.1:5432/db` or
     /// `host=127.0.0.1 port=5432 user=app dbname=app`.
     #[arg(long, env = "SLUICE_POSTGRES", value_name = "URL")]
@@ -412,6 +423,8 @@ impl JobOptions {
             max_output_bytes: self.max_output_bytes.or(file.max_output_bytes),
             max_batch_output_bytes: self.max_batch_output_bytes.or(file.max_batch_output_bytes),
             admin_address: self.admin_address.or(file.admin_address),
+            metrics_address: self.metrics_address.or(file.metrics_address),
+            page_batches: self.page_batches.or(file.page_batches),
             postgres: self.postgres.or(file.postgres),
             postgres_table: self.postgres_table.or(file.postgres_table),
             postgres_mode: self.postgres_mode.or(file.postgres_mode),
@@ -476,6 +489,10 @@ pub struct JobConfig {
     pub sandbox: Sandbox,
     pub failure: FailureSettings,
     pub admin_address: std::net::SocketAddr,
+    /// Where metrics and the Streaming page are served, if anywhere.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Batches the Streaming page keeps.
+    pub page_batches: usize,
     pub postgres: Option<PostgresSettings>,
     /// Topics the plugin may send outputs to.
     pub output_topics: OutputTopics,
@@ -754,6 +771,11 @@ impl JobConfig {
             },
             sandbox,
             admin_address: options.admin_address.unwrap_or(DEFAULT_ADMIN_ADDRESS),
+            metrics_address: options.metrics_address,
+            page_batches: match options.page_batches {
+                Some(0) => bail!("--page-batches must be at least 1"),
+                batches => batches.unwrap_or(DEFAULT_PAGE_BATCHES),
+            },
             postgres: match (options.postgres, options.postgres_table) {
                 (Some(url), Some(table)) => {
                     if options.output_topic.is_some() {

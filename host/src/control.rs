@@ -22,6 +22,8 @@ pub struct Status {
     pub lag: Option<i64>,
     /// A new build on probation, if one is.
     pub probation: Option<PluginIdentity>,
+    /// Records per second read by the last batches (at most ten).
+    pub input_rate: Option<f64>,
 }
 
 impl Status {
@@ -39,6 +41,7 @@ impl Status {
             "last_batch": self.last_batch,
             "lag": self.lag,
             "probation": self.probation.as_ref().map(ToString::to_string),
+            "input_rate": self.input_rate,
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod inspect;
+pub mod observe;
 pub mod offsets;
 pub mod panics;
 pub mod runtime;

@@ -9,6 +9,7 @@ use sluice_host::broker::DevBroker;
 use sluice_host::cli::{CheckpointCommand, Cli, Command, DevBrokerArgs, RunArgs, UpgradeArgs};
 use sluice_host::config::{JobConfig, JobOptions};
 use sluice_host::engine::{Engine, Shutdown};
+use sluice_host::observe::summary;
 use tracing_subscriber::EnvFilter;
 
 /// A batch allocates and frees hundreds of thousands of small buffers (records, keyed values,
@@ -57,11 +58,12 @@ fn try_main() -> Result<()> {
             }
             Command::Upgrade(args) => upgrade(args),
             Command::Status(args) => {
-                let body = match (&args.checkpoint, &args.group) {
+                let (body, text) = match (&args.checkpoint, &args.group) {
                     (Some(checkpoint), _) => {
                         let (code, body) = sluice_host::admin::request(checkpoint, "GET", "/status", None)?;
                         sluice_host::admin::check_ok(code, &body)?;
-                        body
+                        let text = summary::job(&body);
+                        (body, text)
                     }
                     (None, Some(group)) => {
                         let mut config = rdkafka::ClientConfig::new();
@@ -69,11 +71,14 @@ fn try_main() -> Result<()> {
                         let view = tokio::task::block_in_place(|| {
                             sluice_host::source::group_view(&config, group, &args.topics)
                         })?;
-                        serde_json::to_value(view)?
+                        (serde_json::to_value(&view)?, summary::group(&view))
                     }
                     (None, None) => unreachable!("clap requires --checkpoint or --group"),
                 };
-                println!("{}", serde_json::to_string_pretty(&body)?);
+                match args.json {
+                    true => println!("{}", serde_json::to_string_pretty(&body)?),
+                    false => print!("{text}"),
+                }
                 Ok(())
             }
             Command::Checkpoint(CheckpointCommand::Dump { dir }) => {

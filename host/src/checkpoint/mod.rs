@@ -29,6 +29,7 @@ use crate::runtime::PluginIdentity;
 
 mod builds;
 mod partitions;
+mod sizes;
 mod view;
 
 pub use builds::Builds;
@@ -245,6 +246,8 @@ pub struct Checkpoint {
     path: PathBuf,
     /// Whether commits keep [`TOUCHED`] up to date.
     touched_index: bool,
+    state_partitions: u32,
+    sizes: sizes::Sizes,
 }
 
 impl Checkpoint {
@@ -258,7 +261,8 @@ impl Checkpoint {
         let fresh = !path.exists();
         let db =
             if fresh { Database::create(&path) } else { Database::open(&path) }.map_err(|e| open_error(&path, e))?;
-        let mut checkpoint = Checkpoint { db, path, touched_index: true };
+        let mut checkpoint =
+            Checkpoint { db, path, touched_index: true, state_partitions, sizes: sizes::Sizes::default() };
         if fresh {
             let txn = checkpoint.db.begin_write()?;
             {
@@ -278,6 +282,7 @@ impl Checkpoint {
         } else {
             let txn = checkpoint.db.begin_read()?;
             check_format(&txn, &checkpoint.path)?;
+            checkpoint.state_partitions = read_state_partitions(&txn)?;
             let flag = txn.open_table(META)?.get("touched-index")?.map(|value| value.value().to_vec());
             checkpoint.touched_index = flag.as_deref() != Some(b"0");
             drop(txn);
@@ -421,8 +426,9 @@ impl Checkpoint {
     /// in pieces). After this returns the batches are done; a crash before it replays them.
     pub fn commit(&self, batches: &[BatchCommit<'_>], pending: &[PendingBatch]) -> Result<()> {
         let txn = self.db.begin_write()?;
+        let mut sizes = sizes::SizeChanges::default();
         for batch in batches {
-            self.write_batch(&txn, batch)?;
+            self.write_batch(&txn, batch, &mut sizes)?;
         }
         {
             let mut meta = txn.open_table(META)?;
@@ -434,11 +440,33 @@ impl Checkpoint {
         }
         crate::failpoint::reached("checkpoint");
         let last = batches.last().map_or(0, |batch| batch.batch_time);
-        txn.commit().with_context(|| format!("cannot commit batch {last} ms to {}", self.path.display()))
+        txn.commit().with_context(|| format!("cannot commit batch {last} ms to {}", self.path.display()))?;
+        self.sizes.apply(sizes);
+        Ok(())
+    }
+
+    /// Every build that processed batches here, oldest first.
+    pub fn plugin_runs(&self) -> Result<Vec<PluginRun>> {
+        read_plugin_runs(&self.db.begin_read()?)
+    }
+
+    /// Keys and bytes of each state partition, counted now and kept current by every commit
+    /// and restore from then on (for the metrics; the first call reads the whole state).
+    pub fn state_sizes(&self) -> Result<Vec<PartitionStats>> {
+        match self.sizes.get() {
+            Some(sizes) => Ok(sizes),
+            None => self.sizes.track(&self.db.begin_read()?, self.state_partitions),
+        }
     }
 
     /// Writes one batch's results into `txn`.
-    fn write_batch(&self, txn: &redb::WriteTransaction, batch: &BatchCommit<'_>) -> Result<()> {
+    fn write_batch(
+        &self,
+        txn: &redb::WriteTransaction,
+        batch: &BatchCommit<'_>,
+        sizes: &mut sizes::SizeChanges,
+    ) -> Result<()> {
+        let partitions = self.state_partitions;
         let BatchCommit { batch_time, ranges, changes, plugin, config, member, applied_starts } = *batch;
         {
             let mut offsets = txn.open_table(OFFSETS)?;
@@ -458,8 +486,9 @@ impl Checkpoint {
                         if let Some(previous) = previous_touched.filter(|_| index) {
                             touched.remove((previous, key.as_slice()))?;
                         }
-                        state
-                            .insert(key.as_slice(), (batch_time, plugin.info.state_schema_version, bytes.as_slice()))?;
+                        let schema = plugin.info.state_schema_version;
+                        let old = state.insert(key.as_slice(), (batch_time, schema, bytes.as_slice()))?;
+                        sizes.entry(partitions, key, old.map(|old| old.value().2.len()), Some(bytes.len()));
                         if index {
                             touched.insert((batch_time, key.as_slice()), ())?;
                         }
@@ -468,16 +497,19 @@ impl Checkpoint {
                         if index {
                             touched.remove((*previous_touched, key.as_slice()))?;
                         }
-                        state.remove(key.as_slice())?;
+                        let old = state.remove(key.as_slice())?;
+                        sizes.entry(partitions, key, old.map(|old| old.value().2.len()), None);
                     }
                 }
             }
             let mut panes = txn.open_table(PANES)?;
             for (key, value) in &changes.panes {
-                panes.insert((key.as_slice(), batch_time), value.as_slice())?;
+                let old = panes.insert((key.as_slice(), batch_time), value.as_slice())?;
+                sizes.pane(partitions, key, old.map(|old| old.value().len()), Some(value.len()));
             }
             for (key, time) in &changes.expired_panes {
-                panes.remove((key.as_slice(), *time))?;
+                let old = panes.remove((key.as_slice(), *time))?;
+                sizes.pane(partitions, key, old.map(|old| old.value().len()), None);
             }
             let mut windows = txn.open_table(WINDOWS)?;
             for (key, value) in &changes.window_results {

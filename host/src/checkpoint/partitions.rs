@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::sizes::SizeChanges;
 use super::{Checkpoint, CheckpointView, STATE, StoredState, TOUCHED, state_partition};
 use crate::offsets::TopicPartition;
 
@@ -84,12 +85,15 @@ impl Checkpoint {
         meta: &PartitionMeta,
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        let mut sizes = SizeChanges::default();
         {
             let mut state = txn.open_table(STATE)?;
             let mut touched = txn.open_table(TOUCHED)?;
             for (key, write) in writes {
-                let previous = state.remove(key.as_slice())?.map(|old| old.value().0);
-                if let Some(previous) = previous.filter(|_| self.touched_index) {
+                let previous = state.remove(key.as_slice())?.map(|old| (old.value().0, old.value().2.len()));
+                let after = write.as_ref().map(|stored| stored.bytes.len());
+                sizes.entry(self.state_partitions, key, previous.map(|(_, bytes)| bytes), after);
+                if let Some((previous, _)) = previous.filter(|_| self.touched_index) {
                     touched.remove((previous, key.as_slice()))?;
                 }
                 if let Some(stored) = write {
@@ -101,7 +105,10 @@ impl Checkpoint {
             }
             txn.open_table(PARTITION_META)?.insert(partition, serde_json::to_string(meta)?.as_str())?;
         }
-        txn.commit().with_context(|| format!("cannot restore state partition {partition} in {}", self.path.display()))
+        txn.commit()
+            .with_context(|| format!("cannot restore state partition {partition} in {}", self.path.display()))?;
+        self.sizes.apply(sizes);
+        Ok(())
     }
 
     /// Records state partitions' metas alone (after a snapshot was published).

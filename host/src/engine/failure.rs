@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::PartitionTask;
 use crate::config::FailurePolicy;
+use crate::observe::Metrics;
 use crate::runtime::{BatchContext, InputRecord, OutputRecord, PluginIdentity, PluginRuntime, TaskError, TaskOutput};
 use crate::sinks::DeadLetter;
 use crate::source::{RawHeader, SourceRecord};
@@ -66,6 +67,8 @@ pub struct FailureHandling<'a> {
     /// the task is dead-lettered whole (each isolation is a fresh instance and a call that may
     /// run to its deadline).
     pub max_poison: usize,
+    /// Where failures and retries are counted.
+    pub metrics: &'a Metrics,
 }
 
 /// What a failed task still produced.
@@ -100,9 +103,11 @@ impl FailureHandling<'_> {
     /// Retries `task`, then applies the policy. An error means the job must halt.
     pub fn recover(&self, task: &PartitionTask, error: TaskError) -> Result<Recovered> {
         tracing::warn!("{error}");
+        self.metrics.task_failure(error.kind);
         let mut error = error;
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=self.retries {
+            self.metrics.task_retry(error.kind);
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
             match self.run(&task.context, &task.records) {
@@ -193,7 +198,11 @@ impl FailureHandling<'_> {
             task: task_name(ctx),
             message: format!("cannot make a fresh instance: {error:#}"),
         })?;
-        instance.process(ctx, records)
+        let result = instance.process(ctx, records);
+        if let Err(error) = &result {
+            self.metrics.task_failure(error.kind);
+        }
+        result
     }
 
     /// `record` as a dead letter: its key, value and headers, plus headers naming the failure,

@@ -35,6 +35,9 @@ use crate::checkpoint::{
 };
 use crate::config::{DeliveryGuarantee, JobConfig, PostgresMode};
 use crate::control::{Status, UpgradeOutcome};
+use crate::http::Listener;
+use crate::observe::progress::Progress;
+use crate::observe::{self, JobFacts, Observer};
 use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
 use crate::runtime::{BatchContext, InputRecord, KeyedValue, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
 use crate::shared_state::{self, Resolved, SharedState, StageRecord};
@@ -73,6 +76,13 @@ pub struct Engine {
     /// With `--shared-state`: the state partitions this host owns, and its side of the
     /// shuffle and changelog topics.
     shared: Option<SharedState>,
+    /// Metrics and the Streaming page's data, kept whether or not `--metrics-address` serves
+    /// them.
+    observer: Arc<Observer>,
+    /// The listener of `--metrics-address`.
+    metrics_listener: Option<Listener>,
+    /// Progress of a backfill or catch-up while batches leave input behind.
+    catching_up: Option<Progress>,
 }
 
 /// Where a stateful batch's keyed values go.
@@ -161,7 +171,8 @@ struct Processed {
     /// Which task (or state partition) each run of outputs came from.
     provenance: Provenances,
     dead_letters: Vec<DeadLetter>,
-    rejected: usize,
+    /// Rejected records per input topic.
+    rejected: BTreeMap<String, u64>,
     skipped: usize,
     changes: BatchChanges,
     /// With `--shared-state` through the shuffle topic: the batch's keyed values (stage 1).
@@ -220,6 +231,19 @@ pub struct BatchReport {
     /// Whether this ran a plan an earlier run did not commit (or the rest of one).
     pub replayed: bool,
     pub ending: Ending,
+    /// The plugin build that ran it.
+    pub build: String,
+    /// Records in and rejected, per input topic.
+    pub by_topic: BTreeMap<String, TopicCounts>,
+    /// Outputs per destination: the topic, or `table` and `print` for outputs without one.
+    pub outputs_by_topic: BTreeMap<String, u64>,
+}
+
+/// One input topic's share of a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicCounts {
+    pub records_in: u64,
+    pub rejected: u64,
 }
 
 /// How a batch ended.
@@ -261,6 +285,7 @@ impl BatchReport {
         scheduling_delay: Duration,
         took: Duration,
         ending: Ending,
+        build: String,
     ) -> BatchReport {
         BatchReport {
             batch_time,
@@ -276,6 +301,9 @@ impl BatchReport {
             rate: None,
             replayed: false,
             ending,
+            build,
+            by_topic: BTreeMap::new(),
+            outputs_by_topic: BTreeMap::new(),
         }
     }
 
@@ -292,7 +320,7 @@ impl BatchReport {
 }
 
 /// Totals over a run, reported when the job stops.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RunSummary {
     pub batches: u64,
     pub records_in: u64,
@@ -300,6 +328,18 @@ pub struct RunSummary {
     pub rejected: u64,
     pub dead_letters: u64,
     pub skipped: u64,
+}
+
+impl RunSummary {
+    /// Adds one batch.
+    pub fn count(&mut self, report: &BatchReport) {
+        self.batches += 1;
+        self.records_in += report.records_in as u64;
+        self.outputs += report.outputs as u64;
+        self.rejected += report.rejected as u64;
+        self.dead_letters += report.dead_letters as u64;
+        self.skipped += report.skipped as u64;
+    }
 }
 
 /// A batch about to run: planned just now, or replayed.
@@ -383,8 +423,32 @@ impl Engine {
             job.parallelism,
             humantime::format_duration(job.batch_interval)
         );
+        let status = Arc::new(Mutex::new(Status {
+            plugin: plugin.identity().clone(),
+            kind: plugin.kind(),
+            member: job.instance_id.clone(),
+            partitions: Vec::new(),
+            last_batch: checkpoint.as_ref().and_then(|checkpoint| checkpoint.last_batch),
+            lag: None,
+            probation: None,
+            input_rate: None,
+        }));
+        let facts = JobFacts {
+            group: job.group.clone(),
+            member: job.instance_id.clone(),
+            batch_interval_ms: job.batch_interval.as_millis(),
+            started_at_ms: now_ms(),
+        };
+        let observer = Arc::new(Observer::new(facts, status.clone(), job.page_batches));
+        if let Some(checkpoint) = &checkpoint {
+            observer.lineage(&checkpoint.store.plugin_runs()?);
+        }
+        let metrics_listener = match job.metrics_address {
+            Some(address) => Some(observe::serve(address, observer.clone())?),
+            None => None,
+        };
         let upgrades = match &checkpoint {
-            Some(store) => Some(start_upgrades(&job, &plugin, store)?),
+            Some(store) => Some(start_upgrades(&job, store, status, &observer)?),
             None => None,
         };
         let positions = Positions {
@@ -410,6 +474,9 @@ impl Engine {
             interrupted: resume.pending,
             reposition: false,
             shared,
+            observer,
+            metrics_listener,
+            catching_up: None,
         };
         engine.rebalance()?;
         engine.check_alone()?;
@@ -506,18 +573,14 @@ impl Engine {
                     Err(_) => bail!("batch {batch_time} ms: internal error {}", panics::describe()),
                 };
                 log_batch(&report, &self.job.instance_id);
+                self.observe(&report);
                 if !report.replayed {
                     self.rate.batch_completed(now_ms(), &report);
                 }
                 observe(&report)?;
                 anyhow::Ok(report)
             })?;
-            summary.batches += 1;
-            summary.records_in += report.records_in as u64;
-            summary.outputs += report.outputs as u64;
-            summary.rejected += report.rejected as u64;
-            summary.dead_letters += report.dead_letters as u64;
-            summary.skipped += report.skipped as u64;
+            summary.count(&report);
 
             if self.job.max_batches.is_some_and(|max| summary.batches >= max) {
                 tracing::info!("stopping after {} batches (--max-batches)", summary.batches);
@@ -533,6 +596,9 @@ impl Engine {
             }
         }
         tokio::task::block_in_place(|| self.publish_state_kept_alone())?;
+        if let Some(progress) = self.catching_up.take() {
+            progress.finish();
+        }
         tracing::info!(
             "stopped after {} batches: {} records in, {} out, {} rejected, {} dead letters, {} skipped",
             summary.batches,
@@ -543,6 +609,45 @@ impl Engine {
             summary.skipped
         );
         Ok(summary)
+    }
+
+    /// Reports a finished batch to the metrics and the page, and the progress of catching up
+    /// while batches leave input behind.
+    fn observe(&mut self, report: &BatchReport) {
+        self.observer.batch(report);
+        let metrics = &self.observer.metrics;
+        for (index, instance) in self.instances.iter().enumerate() {
+            metrics.instance_memory(index, instance.memory_bytes());
+        }
+        if self.metrics_listener.is_some()
+            && let Some(checkpoint) = &self.checkpoint
+        {
+            // Counted once, then kept current by the commits: no scan per batch.
+            match checkpoint.store.state_sizes() {
+                Ok(sizes) => {
+                    for (partition, size) in sizes.iter().enumerate() {
+                        metrics.state_size(partition as u32, size.keys, size.bytes);
+                    }
+                }
+                Err(error) => tracing::warn!("cannot count the state for the metrics: {error:#}"),
+            }
+            match checkpoint.store.plugin_runs() {
+                Ok(runs) => self.observer.lineage(&runs),
+                Err(error) => tracing::warn!("cannot read the plugin lineage for the page: {error:#}"),
+            }
+        }
+        // A batch that left input behind (rate limits, batch bounds) is catching up.
+        if report.ending == Ending::Committed && !report.replayed {
+            if report.caught_up {
+                if let Some(mut progress) = self.catching_up.take() {
+                    progress.advance(report.records_in as u64, 0);
+                    progress.finish();
+                }
+            } else {
+                let progress = self.catching_up.get_or_insert_with(|| Progress::start("catching up", "records"));
+                progress.advance(report.records_in as u64, self.observer.lag_total());
+            }
+        }
     }
 
     /// The first batch time of this run: the next tick, but always after every batch the
@@ -588,6 +693,12 @@ impl Engine {
             rebalanced.revoked.iter().filter(|p| !rebalanced.lost.contains(p)).cloned().collect();
         if !revoked.is_empty() {
             tracing::info!("member {member}: revoked {}", join(&revoked));
+        }
+        for partition in &rebalanced.revoked {
+            self.observer.revoked(partition);
+        }
+        if !rebalanced.revoked.is_empty() || !rebalanced.assigned.is_empty() {
+            self.observer.metrics.rebalance();
         }
         if !rebalanced.assigned.is_empty() {
             tracing::info!("member {member}: assigned {}", join(&rebalanced.assigned));
@@ -770,7 +881,15 @@ impl Engine {
             Err(error) if error.is::<Lost>() => {
                 self.abandon(batch_time, &error.to_string());
                 let took = started.elapsed();
-                return Ok(BatchReport::abandoned(batch_time, work.ranges, scheduling_delay, took, Ending::Fenced));
+                let build = self.plugin.identity().to_string();
+                return Ok(BatchReport::abandoned(
+                    batch_time,
+                    work.ranges,
+                    scheduling_delay,
+                    took,
+                    Ending::Fenced,
+                    build,
+                ));
             }
             Err(error) => return Err(error.context(format!("batch {batch_time} ms"))),
         };
@@ -857,9 +976,10 @@ impl Engine {
             .collect();
         let records_in = tasks.iter().map(|task| task.records.len() + task.unreadable.len()).sum();
         let rolled_back = |engine: &mut Engine, error: anyhow::Error| {
+            let build = engine.plugin.identity().to_string();
             engine.roll_back(batch_time, &format!("{error:#}"), Some(plan.clone()));
             let took = started.elapsed();
-            BatchReport::abandoned(batch_time, ranges.clone(), scheduling_delay, took, Ending::RolledBack)
+            BatchReport::abandoned(batch_time, ranges.clone(), scheduling_delay, took, Ending::RolledBack, build)
         };
         // A new version on probation gets no failure policy: any failure rolls it back.
         let processed = match self.process(batch_time, &tasks, final_piece, keyed) {
@@ -903,12 +1023,24 @@ impl Engine {
             commit: started.elapsed() - delivered_at,
         };
         tracing::debug!("batch {batch_time} ms phases: {phases:?}");
+        let mut by_topic: BTreeMap<String, TopicCounts> = BTreeMap::new();
+        for task in &tasks {
+            by_topic.entry(task.context.topic.clone()).or_default().records_in +=
+                (task.records.len() + task.unreadable.len()) as u64;
+        }
+        for (topic, count) in &rejected {
+            by_topic.entry(topic.clone()).or_default().rejected += count;
+        }
+        let outputs_by_topic = match work.deliver {
+            true => self.outputs_by_destination(&outputs),
+            false => BTreeMap::new(),
+        };
         Ok(BatchReport {
             batch_time,
             ranges,
             records_in,
             outputs: if work.deliver { outputs.len() } else { 0 },
-            rejected,
+            rejected: rejected.values().sum::<u64>() as usize,
             dead_letters: delivered.dead_letters,
             skipped: skipped + delivered.skipped,
             scheduling_delay,
@@ -917,7 +1049,30 @@ impl Engine {
             rate: work.rate,
             replayed: work.replayed,
             ending,
+            build: self.plugin.identity().to_string(),
+            by_topic,
+            outputs_by_topic,
         })
+    }
+
+    /// Where outputs go: their own topic, the job's output topic, else the table sink or the
+    /// screen.
+    fn outputs_by_destination(&self, outputs: &[OutputRecord]) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for output in outputs {
+            let destination = match (&output.topic, &self.job.output_topic) {
+                (Some(topic), _) | (None, Some(topic)) => topic.as_str(),
+                (None, None) if self.sinks.postgres.is_some() => "table",
+                (None, None) => "print",
+            };
+            match counts.get_mut(destination) {
+                Some(count) => *count += 1,
+                None => {
+                    counts.insert(destination.to_string(), 1);
+                }
+            }
+        }
+        counts
     }
 
     /// Delivers the batch's outputs and dead letters to Kafka (and the screen), then its table
@@ -1087,7 +1242,9 @@ impl Engine {
             });
             // What is left to run stays planned: the rest of a batch that runs in pieces.
             let pending: Vec<PendingBatch> = self.replays.iter().map(Replay::plan).collect();
+            let committing = Instant::now();
             checkpoint.store.commit(&batches, &pending)?;
+            self.observer.metrics.checkpoint_commit(committing.elapsed());
             checkpoint.last_batch = Some(batch_time);
             if let Some(shared) = &mut self.shared {
                 for batch in &batches {
@@ -1124,6 +1281,9 @@ impl Engine {
             .with_context(|| format!("batch {batch_time} ms"))?;
         let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
         let lag = planned.iter().map(|p| (p.high_watermark - p.range.until).max(0)).sum();
+        for p in &planned {
+            self.observer.lag(&p.range.partition, (p.high_watermark - p.range.until).max(0));
+        }
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").lag = Some(lag);
         }
@@ -1193,9 +1353,13 @@ impl Engine {
         keyed: Keyed,
     ) -> Result<Processed> {
         self.plugin.begin_batch();
+        let metrics = &self.observer.metrics;
         let results = run_each(&self.plugin, &mut self.instances, tasks, |instance, task| {
             let _work = panics::working_on(|| format!("running the plugin on {}", task.provenance()));
-            instance.process(&task.context, &task.records)
+            let started = Instant::now();
+            let result = instance.process(&task.context, &task.records);
+            metrics.plugin_task(started.elapsed());
+            result
         });
         // A new version on probation gets no retries and no policy: any failure rolls it back.
         let probation = self.on_probation();
@@ -1205,13 +1369,14 @@ impl Engine {
             retries: if probation { 0 } else { self.job.failure.retries },
             dead_letter_topic: self.job.failure.dead_letter_topic.as_deref(),
             max_poison: self.job.failure.max_poison,
+            metrics,
         };
 
         let mut outputs: Vec<OutputRecord> = Vec::new();
         let mut provenance = Provenances::default();
         let mut dead_letters: Vec<DeadLetter> = Vec::new();
         let mut values = Vec::with_capacity(results.len());
-        let (mut rejected, mut skipped) = (0, 0);
+        let (mut rejected, mut skipped) = (BTreeMap::<String, u64>::new(), 0);
         for (task, result) in tasks.iter().zip(results) {
             let ctx = &task.context;
             // A record the plugin cannot be given is rejected, as a plugin rejects one: logged
@@ -1231,7 +1396,7 @@ impl Engine {
                     ));
                 }
             }
-            rejected += task.unreadable.len();
+            *rejected.entry(ctx.topic.clone()).or_default() += task.unreadable.len() as u64;
             let result = match result {
                 Ok(output) => output,
                 Err(error) => {
@@ -1256,7 +1421,7 @@ impl Engine {
                     dead_letters.push(failures.dead_letter(ctx, record, "rejected", &rejection.reason)?);
                 }
             }
-            rejected += result.rejections.len();
+            *rejected.entry(ctx.topic.clone()).or_default() += result.rejections.len() as u64;
             outputs.extend(result.outputs);
             provenance.push(outputs.len(), task.provenance());
             values.push(result.values);
@@ -1405,16 +1570,12 @@ impl Engine {
 }
 
 /// Starts the admin endpoint and the upgrade validator of a job with a checkpoint.
-fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheckpoint) -> Result<Upgrades> {
-    let status = Arc::new(Mutex::new(Status {
-        plugin: plugin.identity().clone(),
-        kind: plugin.kind(),
-        member: job.instance_id.clone(),
-        partitions: Vec::new(),
-        last_batch: checkpoint.last_batch,
-        lag: None,
-        probation: None,
-    }));
+fn start_upgrades(
+    job: &JobConfig,
+    checkpoint: &JobCheckpoint,
+    status: Arc<Mutex<Status>>,
+    observer: &Arc<Observer>,
+) -> Result<Upgrades> {
     let (requests, incoming) = mpsc::channel();
     let (candidates, ready) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -1425,6 +1586,7 @@ fn start_upgrades(job: &JobConfig, plugin: &PluginRuntime, checkpoint: &JobCheck
         requests: incoming,
         candidates,
         status: status.clone(),
+        observer: observer.clone(),
         stop: stop.clone(),
     };
     let validator = std::thread::Builder::new()
@@ -1658,7 +1820,7 @@ fn log_batch(report: &BatchReport, member: &str) {
     );
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

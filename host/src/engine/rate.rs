@@ -251,6 +251,9 @@ mod tests {
             rate: Some(50.0),
             replayed: false,
             ending: crate::engine::Ending::Committed,
+            build: String::new(),
+            by_topic: Default::default(),
+            outputs_by_topic: Default::default(),
         };
         controller.batch_completed(2_100, &report);
         assert_eq!(controller.caps(&[1_000]), None, "without backpressure only the first batch is limited");

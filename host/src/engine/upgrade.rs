@@ -19,6 +19,7 @@ use super::assignment::Replay;
 use crate::checkpoint::{Builds, Checkpoint, HeldChanges, PendingBatch, PluginRun};
 use crate::config::JobConfig;
 use crate::control::{Status, UpgradeOutcome, UpgradeRequest};
+use crate::observe::Observer;
 use crate::offsets::OffsetRange;
 use crate::runtime::{PluginIdentity, PluginInstance, PluginKind, PluginRuntime};
 
@@ -77,6 +78,8 @@ pub struct Validator {
     pub candidates: Sender<Candidate>,
     /// What the engine runs now, and the new version pending or on probation.
     pub status: Arc<Mutex<Status>>,
+    /// Where refused upgrades are reported.
+    pub observer: Arc<Observer>,
     /// Set when the job stops: requests still arriving are answered "job stopping".
     pub stop: Arc<AtomicBool>,
 }
@@ -109,7 +112,9 @@ impl Validator {
                 Err(error) => {
                     let reason = format!("{error:#}");
                     tracing::warn!("upgrade refused: {reason}");
-                    let _ = request.reply.send(UpgradeOutcome::Refused { reason });
+                    let outcome = UpgradeOutcome::Refused { reason };
+                    self.observer.upgrade(&outcome);
+                    let _ = request.reply.send(outcome);
                 }
             }
         }
@@ -239,10 +244,12 @@ impl Engine {
             "upgrade from {from} to {to} done: its first {PROBATION_BATCHES} batches with records succeeded and are \
              committed"
         );
-        let _ = probation.reply.send(UpgradeOutcome::Upgraded { from, to, first_batch });
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").probation = None;
         }
+        let outcome = UpgradeOutcome::Upgraded { from, to, first_batch };
+        self.observer.upgrade(&outcome);
+        let _ = probation.reply.send(outcome);
     }
 
     /// Returns to the version the new one replaced: the new one's held batches (and `failed`,
@@ -274,7 +281,7 @@ impl Engine {
             self.replays.push_front(replay);
         }
         self.forget_uncommitted_state();
-        let _ = probation.reply.send(UpgradeOutcome::RolledBack { from, to, batch: batch_time, reason: reason.into() });
+        let outcome = UpgradeOutcome::RolledBack { from, to, batch: batch_time, reason: reason.into() };
         if let Some(checkpoint) = &mut self.checkpoint
             && self.plugin.kind() == PluginKind::Windowed
         {
@@ -284,6 +291,8 @@ impl Engine {
         if let Some(upgrades) = &self.upgrades {
             upgrades.status.lock().expect("not poisoned").probation = None;
         }
+        self.observer.upgrade(&outcome);
+        let _ = probation.reply.send(outcome);
     }
 
     fn set_status_plugin(&self) {

@@ -277,6 +277,13 @@ pub struct PluginInstance {
     deadline_ticks: u64,
 }
 
+impl PluginInstance {
+    /// Bytes of the instance's linear memories, as they are now.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limits.memory()
+    }
+}
+
 /// Why a plugin call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {

@@ -140,6 +140,13 @@ pub struct InstanceLimits {
     table_elements: usize,
 }
 
+impl InstanceLimits {
+    /// Bytes of every linear memory of the instance, as they are now.
+    pub fn memory(&self) -> usize {
+        self.memory
+    }
+}
+
 /// A memory or table that would grow past the instance's limit. Returned from the limiter, it
 /// makes the growing instruction (or the instantiation) trap with this error.
 #[derive(Debug, thiserror::Error)]

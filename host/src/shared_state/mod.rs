@@ -23,6 +23,7 @@ use records::{ChangelogEntry, ShuffleEntry, SourceRange};
 
 use crate::checkpoint::{Checkpoint, PartitionMeta, StateWrite, StoredState, state_partition};
 use crate::config::JobConfig;
+use crate::observe::progress::Progress;
 use crate::offsets::{OffsetRange, TopicPartition};
 use crate::runtime::KeyedValue;
 use crate::sinks::KafkaSink;
@@ -278,7 +279,10 @@ impl SharedState {
         let mut meta = meta;
         let (mut batch, mut keys, mut batches) = (Vec::new(), 0usize, 0usize);
         let mut pending: Vec<(String, Vec<u8>, Option<StoredState>)> = Vec::new();
-        for record in &records {
+        let mut progress = Progress::start(format!("restoring state partition {partition}"), "records");
+        let mut since_marker = 0;
+        for (index, record) in records.iter().enumerate() {
+            since_marker += 1;
             match ChangelogEntry::read(record.offset, record.key.as_deref(), record.value.as_deref(), &record.headers)
                 .with_context(|| format!("changelog partition {partition}"))?
             {
@@ -296,10 +300,12 @@ impl SharedState {
                     checkpoint.restore_partition(partition, &batch, &meta)?;
                     self.committed.insert(partition, meta.clone());
                     batch.clear();
+                    progress.advance(std::mem::take(&mut since_marker), (records.len() - index - 1) as u64);
                 }
             }
         }
         self.metas.insert(partition, meta);
+        progress.finish();
         if !records.is_empty() {
             let took = started.elapsed();
             tracing::info!(

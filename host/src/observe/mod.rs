@@ -1,0 +1,142 @@
+//! Watching a running job: Prometheus metrics and the Streaming page, served read-only by one
+//! listener (`--metrics-address`), and progress reports of long work. The engine reports to an
+//! [`Observer`] whether or not anyone listens; mutating actions stay on the admin endpoint.
+
+mod board;
+pub mod metrics;
+pub mod progress;
+pub mod summary;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use board::Board;
+pub use board::JobFacts;
+pub use metrics::Metrics;
+
+use crate::checkpoint::PluginRun;
+use crate::control::{Status, UpgradeOutcome};
+use crate::engine::BatchReport;
+use crate::http::{Limits, Listener};
+use crate::offsets::TopicPartition;
+
+/// What the engine reports as it runs, for the metrics and the page.
+pub struct Observer {
+    pub metrics: Metrics,
+    board: Mutex<Board>,
+    job: JobFacts,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Observer {
+    /// An observer keeping the last `history` batches for the page.
+    pub fn new(job: JobFacts, status: Arc<Mutex<Status>>, history: usize) -> Observer {
+        let metrics = {
+            let status = status.lock().expect("not poisoned");
+            Metrics::new(&status.plugin, status.kind)
+        };
+        Observer { metrics, board: Mutex::new(Board::new(history)), job, status }
+    }
+
+    pub fn batch(&self, report: &BatchReport) {
+        self.metrics.batch(report);
+        let mut board = self.board();
+        board.batch(report);
+        let rate = board.input_rate(self.job.batch_interval_ms);
+        drop(board);
+        self.status.lock().expect("not poisoned").input_rate = rate;
+    }
+
+    /// What a partition has left after the batch just planned.
+    pub fn lag(&self, partition: &TopicPartition, lag: i64) {
+        self.metrics.lag(&partition.topic, partition.partition, lag);
+        self.board().lag(partition, lag);
+    }
+
+    /// Records left behind the last planned batches, over every partition this host reads.
+    pub fn lag_total(&self) -> u64 {
+        self.board().lag_total()
+    }
+
+    /// A partition moved to another member.
+    pub fn revoked(&self, partition: &TopicPartition) {
+        self.metrics.forget_partition(&partition.topic, partition.partition);
+        self.board().forget_partition(partition);
+    }
+
+    /// The builds the checkpoint has run, oldest first.
+    pub fn lineage(&self, runs: &[PluginRun]) {
+        self.board().lineage(runs);
+    }
+
+    /// How an upgrade ended (the running build is reported by the status).
+    pub fn upgrade(&self, outcome: &UpgradeOutcome) {
+        let label = match outcome {
+            UpgradeOutcome::Upgraded { .. } => "upgraded",
+            UpgradeOutcome::RolledBack { .. } => "rolled_back",
+            UpgradeOutcome::Refused { .. } => "refused",
+            UpgradeOutcome::Stopped { .. } => "stopped",
+        };
+        self.metrics.upgrade(label);
+        let status = self.status.lock().expect("not poisoned");
+        self.metrics.running(&status.plugin, status.kind);
+        drop(status);
+        self.board().upgrade(crate::engine::now_ms(), outcome);
+    }
+
+    /// The Streaming page's data.
+    pub fn streaming_json(&self) -> serde_json::Value {
+        let status = self.status.lock().expect("not poisoned").clone();
+        self.board().to_json(&self.job, &status)
+    }
+
+    fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.board.lock().expect("not poisoned")
+    }
+}
+
+/// The Streaming page, compiled into the binary: nothing is fetched from elsewhere.
+const PAGE: &str = include_str!("page/index.html");
+const SCRIPT: &str = include_str!("page/streaming.js");
+const STYLE: &str = include_str!("page/streaming.css");
+
+/// Serves `/metrics`, the Streaming page (`/`) and its data (`/api/streaming`) on `address`
+/// until the returned listener is dropped.
+pub fn serve(address: SocketAddr, observer: Arc<Observer>) -> Result<Listener> {
+    let router = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/api/streaming", get(streaming_handler))
+        .route("/", get(|| async { asset("text/html; charset=utf-8", PAGE) }))
+        .route("/streaming.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
+        .route("/streaming.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /, /metrics or /api/streaming\n") })
+        .with_state(observer);
+    let listener = Listener::start(address, router, Limits::CONTROL)
+        .with_context(|| format!("cannot listen for metrics on {address}"))?;
+    tracing::info!(
+        "metrics on http://{}/metrics, the Streaming page on http://{}/",
+        listener.address(),
+        listener.address()
+    );
+    Ok(listener)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+async fn metrics_handler(State(observer): State<Arc<Observer>>) -> Response {
+    let text = observer.metrics.encode();
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn streaming_handler(State(observer): State<Arc<Observer>>) -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(observer.streaming_json())).into_response()
+}
