@@ -19,6 +19,7 @@ pub mod inspect;
 pub mod observe;
 pub mod offsets;
 pub mod panics;
+pub mod report;
 pub mod runtime;
 pub mod shared_state;
 pub mod sinks;

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::checkpoint::PluginRun;
 use crate::control::{Status, UpgradeOutcome};
-use crate::engine::{BatchReport, Ending, RunSummary};
 use crate::offsets::TopicPartition;
+use crate::report::{BatchReport, Ending, RunSummary};
 
 /// The page's memory of the run.
 pub struct Board {

@@ -9,6 +9,7 @@ pub mod summary;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 use axum::Router;
@@ -23,9 +24,9 @@ pub use metrics::Metrics;
 
 use crate::checkpoint::PluginRun;
 use crate::control::{Status, UpgradeOutcome};
-use crate::engine::BatchReport;
 use crate::http::{Limits, Listener};
 use crate::offsets::TopicPartition;
+use crate::report::BatchReport;
 
 /// What the engine reports as it runs, for the metrics and the page.
 pub struct Observer {
@@ -88,7 +89,7 @@ impl Observer {
         let status = self.status.lock().expect("not poisoned");
         self.metrics.running(&status.plugin, status.kind);
         drop(status);
-        self.board().upgrade(crate::engine::now_ms(), outcome);
+        self.board().upgrade(now_ms(), outcome);
     }
 
     /// The Streaming page's data.
@@ -126,6 +127,10 @@ pub fn serve(address: SocketAddr, observer: Arc<Observer>) -> Result<Listener> {
         listener.address()
     );
     Ok(listener)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

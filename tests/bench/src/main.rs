@@ -11,6 +11,7 @@ mod kafka;
 mod native;
 mod quix;
 mod report;
+mod scrape;
 mod sluice;
 
 use std::collections::{BTreeMap, HashMap};
@@ -411,6 +412,30 @@ impl Bench<'_> {
         let run = sluice::run(&flags)?;
         ensure!(run.summary.records_in == records, "overhead run: {} of {records} records", run.summary.records_in);
         let overhead = Overhead::from_batches(INTERVAL, per_batch, &run.batches);
+
+        // The same job again, serving its metrics and Streaming page to a scraper: once a
+        // second (a page left open refreshes every 2 s, Prometheus scrapes every 15 s), and
+        // back to back, the worst a monitoring setup can do.
+        let mut overhead = overhead;
+        for (name, pause) in [("every second", Some(Duration::from_secs(1))), ("back to back", None)] {
+            let group = format!("scraped-{}", name.replace(' ', "-"));
+            let input = Topic { name: &format!("{group}-in"), ..input };
+            self.broker.load(input, records, input::etl_line)?;
+            let output = format!("{group}-out");
+            self.broker.create_topic(Topic { name: &output, ..input })?;
+            let checkpoint = tempfile::tempdir()?;
+            let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let mut flags = self.flags(sluice_plugin_artifacts::ETL, batching, input.name, &output, &group);
+            flags.extend(["--checkpoint".into(), checkpoint.path().display().to_string()]);
+            flags.extend(["--max-batches".into(), batches.to_string()]);
+            flags.extend(["--metrics-address".into(), address.to_string()]);
+            let scraper = scrape::Scraper::start(address, pause);
+            let run = sluice::run(&flags)?;
+            let scrapes = scraper.stop();
+            ensure!(run.summary.records_in == records, "{group}: {} of {records} records", run.summary.records_in);
+            ensure!(scrapes > 0, "{group}: the scraper never reached the metrics listener");
+            overhead = overhead.with_scraped(name, &run.batches, scrapes);
+        }
 
         // The case of a job with a rate limit: each batch takes a slice of what the partitions
         // hold, and the records of the next slice should already be local when it starts

@@ -56,6 +56,20 @@ pub struct Overhead {
     /// Processing time of a small rate-limited batch (300 records, 200/s per partition, 500 ms
     /// interval, librdkafka's default long poll), p50 and p99 in milliseconds.
     pub rate_limited: (f64, f64),
+    /// The same job serving `--metrics-address` to a scraper that asks for `/metrics` and the
+    /// page's data the whole run, at each pace measured.
+    pub scraped: Vec<Scraped>,
+}
+
+/// The overhead run again, with its metrics and page scraped throughout.
+pub struct Scraped {
+    /// How often: "back to back", "every second".
+    pub how: String,
+    /// Host overhead and whole batch, p50 and p99 in milliseconds.
+    pub total: (f64, f64),
+    pub processing: (f64, f64),
+    /// Scrapes answered during the run.
+    pub scrapes: u64,
 }
 
 impl Overhead {
@@ -77,7 +91,15 @@ impl Overhead {
             total: measure(&|b| ms(b.scheduling_delay + b.phases.plan + b.phases.commit)),
             processing: measure(&|b| ms(b.processing())),
             rate_limited: (f64::NAN, f64::NAN),
+            scraped: Vec::new(),
         }
+    }
+
+    /// Adds the run whose metrics were scraped throughout.
+    pub fn with_scraped(mut self, how: &str, batches: &[BatchReport], scrapes: u64) -> Overhead {
+        let run = Overhead::from_batches(self.interval, self.records_per_batch, batches);
+        self.scraped.push(Scraped { how: how.into(), total: run.total, processing: run.processing, scrapes });
+        self
     }
 
     /// Adds the rate-limited run: its batches' processing times.
@@ -199,6 +221,28 @@ impl Report {
                 ),
             ] {
                 writeln!(out, "| {name} | {p50:.2} ms | {p99:.2} ms |").unwrap();
+            }
+            for scraped in &overhead.scraped {
+                let scrapes = thousands(scraped.scrapes as f64);
+                let how = &scraped.how;
+                let rows = [
+                    (format!("host overhead, metrics and page scraped {how} ({scrapes} scrapes)"), scraped.total),
+                    (format!("whole batch, scraped {how}"), scraped.processing),
+                ];
+                for (name, (p50, p99)) in rows {
+                    writeln!(out, "| {name} | {p50:.2} ms | {p99:.2} ms |").unwrap();
+                }
+            }
+            for scraped in &overhead.scraped {
+                writeln!(
+                    out,
+                    "\nWith `/metrics` and the Streaming page's data scraped {}, a whole batch takes {:.2}× (p50) \
+                     and {:.2}× (p99) of the unscraped run's.",
+                    scraped.how,
+                    scraped.processing.0 / overhead.processing.0,
+                    scraped.processing.1 / overhead.processing.1
+                )
+                .unwrap();
             }
         }
         writeln!(out, "\n{}", self.targets()).unwrap();

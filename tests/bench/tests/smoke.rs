@@ -48,6 +48,8 @@ fn a_small_run_of_every_part_checks_out_and_rewrites_the_generated_section() {
         "| Wasm boundary | native",
         "| Wasm boundary | Sluice",
         "| **host overhead**",
+        "| host overhead, metrics and page scraped back to back",
+        "| host overhead, metrics and page scraped every second",
     ] {
         assert!(stdout.contains(row), "no row {row:?} in the report:\n{stdout}");
     }
