@@ -738,13 +738,18 @@ impl KafkaSource {
         if self.subscribed.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.broker_timeout;
+        // A join completes when every member has rejoined, and a member busy committing when
+        // the rebalance began rejoins only once its commit is done or given up, after up to
+        // --broker-timeout (docs/adr/0007): the first assignment may take twice that.
+        let wait = self.broker_timeout * 2;
+        let deadline = Instant::now() + wait;
         while !self.consumer.context().has_changes() {
             if Instant::now() > deadline {
                 bail!(
-                    "the consumer group coordinator at {} did not answer within {} (--broker-timeout){}",
+                    "the consumer group coordinator at {} did not assign partitions within {} (twice \
+                     --broker-timeout){}",
                     self.brokers,
-                    humantime::format_duration(self.broker_timeout),
+                    humantime::format_duration(wait),
                     self.faults.last().map(|e| format!("; last broker error: {e}")).unwrap_or_default()
                 );
             }
