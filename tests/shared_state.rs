@@ -11,7 +11,7 @@ use crate::harness::{
     BrokerProcess, Input, Running, TansuBroker, consume, host, offsets, owned, produce, produce_one_by_one, records_in,
     run_host, unique, upgrade, wait_until,
 };
-use crate::stateful::{count, word_counts};
+use crate::stateful::{Seeded, count, word_counts};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// State partitions of the tests' jobs: the partition count of their shuffle and changelog.
@@ -64,17 +64,20 @@ fn lines(first: usize, count: usize, seed: u64) -> Vec<Input> {
 fn wait_for_hosts(
     hosts: &mut BTreeMap<usize, Running>,
     what: &str,
-    mut done: impl FnMut() -> bool,
+    mut done: impl FnMut(&mut BTreeMap<usize, Running>) -> bool,
     state: impl Fn() -> String,
 ) {
     let started = std::time::Instant::now();
-    while !done() {
+    while !done(hosts) {
         if started.elapsed() > Duration::from_secs(150) {
             let telling = ["assigned", "revoked", "lost", "restored", "published", "abandoned", "WARN", "ERROR"];
             for (n, host) in hosts.iter_mut() {
+                let whole = std::env::temp_dir().join(format!("{}-host-{n}.log", unique("stalled")));
+                std::fs::write(&whole, host.drain_log().join("\n")).unwrap();
                 let log: Vec<&String> =
                     host.drain_log().iter().filter(|line| telling.iter().any(|t| line.contains(t))).collect();
-                eprintln!("--- host-{n}:\n{}", log.iter().map(|line| line.as_str()).collect::<Vec<_>>().join("\n"));
+                let log = log.iter().map(|line| line.as_str()).collect::<Vec<_>>().join("\n");
+                eprintln!("--- host-{n} (whole log in {}):\n{log}", whole.display());
             }
             panic!("timed out waiting until {what}: {}", state());
         }
@@ -200,7 +203,7 @@ fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_le
     wait_for_hosts(
         &mut hosts,
         "the input and the shuffle are committed to their ends",
-        || caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
+        |_| caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
         || format!("{:?}\n{:?}", offsets(&broker.brokers, &topic, &group), offsets(&broker.brokers, &shuffle, &group)),
     );
     let owners = state_owners(&mut hosts, &shuffle);
@@ -356,4 +359,214 @@ fn a_host_that_ran_alone_and_died_unpublished_is_not_taken_over() {
     let mut command = word_count_host(&broker.brokers, &topic, &output, &group, 2, dir.path());
     run_host(&mut command, LIMIT).assert_error(&["member host-1 processed it alone", "has not published that state"]);
     assert_eq!(offsets(&broker.brokers, &topic, &group), before, "host-2 committed nothing");
+}
+
+/// `host run` of the windowed word count (2 s windows every second, 500 ms batches) as member
+/// `host-N` of `group`, its panes shared.
+fn windowed_host(brokers: &str, topic: &str, output: &str, group: &str, n: usize, dir: &Path) -> std::process::Command {
+    let mut command = host();
+    command
+        .args(["run", "--plugin", sluice_plugin_artifacts::WINDOWED_COUNT, "--brokers", brokers, "--topic", topic])
+        .args(["--group", group, "--output-topic", output, "--instance-id", &format!("host-{n}")])
+        .args(["--window", "2s", "--slide", "1s", "--batch-interval", "500ms"])
+        .args(["--shared-state", "--checkpoint"])
+        .arg(dir.join(format!("host-{n}")))
+        // As the word count's test: a commit refused while the group rebalances under load is
+        // given up (fenced) after --broker-timeout (docs/adr/0007).
+        .args(["--admin-address", "127.0.0.1:0", "--session-timeout", "6s", "--broker-timeout", "10s"])
+        .args(["--auto-offset-reset", "earliest", "--kafka", "fetch.wait.max.ms=20"])
+        .args(["--max-rate-per-partition", "400"]);
+    command
+}
+
+/// The ranges every batch took, by input partition: `(from, until, batch time)`, from the
+/// committed batches the hosts logged and the batch a killed host left in its checkpoint
+/// (committed to the group or not: only where no logged batch starts is it the one that
+/// counted).
+fn batch_ranges(logs: &[Vec<String>], killed_dir: &Path) -> BTreeMap<i32, Vec<(i64, i64, i64, bool)>> {
+    let batch = regex::Regex::new(r"batch (\d+) ms on \S+(?: \(replayed\))?: .*; ([^;]*)$").unwrap();
+    let range = regex::Regex::new(r"[\w.-]+:(\d+) \[(\d+), (\d+)\)").unwrap();
+    let mut ranges: BTreeMap<i32, Vec<(i64, i64, i64, bool)>> = BTreeMap::new();
+    let mut add = |time: i64, text: &str, logged: bool| {
+        for found in range.captures_iter(text) {
+            let (partition, from, until) =
+                (found[1].parse().unwrap(), found[2].parse().unwrap(), found[3].parse().unwrap());
+            ranges.entry(partition).or_default().push((from, until, time, logged));
+        }
+    };
+    for line in logs.iter().flatten().filter(|line| !line.contains("(abandoned")) {
+        if let Some(found) = batch.captures(line) {
+            add(found[1].parse().unwrap(), &found[2], true);
+        }
+    }
+    let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(killed_dir), LIMIT).stdout();
+    let interrupted = regex::Regex::new(r"interrupted batch: (\d+) ms, [^:]*: (.*)").unwrap();
+    for found in interrupted.captures_iter(&inspect) {
+        add(found[1].parse().unwrap(), &found[2], false);
+    }
+    ranges
+}
+
+/// Every `(word, window end) → count` a brute force computes: each record in the pane of the
+/// batch that read it, windows of `length` ms ending at every multiple of `slide` ms up to
+/// `last_end`.
+fn brute_force_windows(
+    inputs: &BTreeMap<i32, Vec<String>>,
+    ranges: &BTreeMap<i32, Vec<(i64, i64, i64, bool)>>,
+    length: i64,
+    slide: i64,
+    last_end: i64,
+) -> BTreeMap<(String, i64), u64> {
+    let mut panes: BTreeMap<i64, BTreeMap<String, u64>> = BTreeMap::new();
+    for (partition, lines) in inputs {
+        let taken = &ranges[partition];
+        let mut offset = 0;
+        while (offset as usize) < lines.len() {
+            // A logged (committed) batch starting here counts; else the killed host's.
+            let next = taken
+                .iter()
+                .filter(|(from, until, _, _)| *from == offset && until > from)
+                .max_by_key(|(_, _, _, logged)| *logged)
+                .unwrap_or_else(|| panic!("no batch took words:{partition} at offset {offset}: {taken:?}"));
+            for line in &lines[next.0 as usize..next.1 as usize] {
+                for word in line.split_whitespace() {
+                    *panes.entry(next.2).or_default().entry(word.to_string()).or_default() += 1;
+                }
+            }
+            offset = next.1;
+        }
+    }
+    let first = panes.keys().next().copied().unwrap_or_default();
+    let mut windows = BTreeMap::new();
+    let mut end = (first + slide - 1).div_euclid(slide) * slide;
+    while end <= last_end {
+        for (_, counts) in panes.range(end - length + 1..=end) {
+            for (word, n) in counts {
+                *windows.entry((word.clone(), end)).or_default() += n;
+            }
+        }
+        end += slide;
+    }
+    windows
+}
+
+#[test]
+fn windowed_counts_on_several_hosts_equal_a_brute_force_computation_through_kills_joins_and_leaves() {
+    let (topic, output, group) = (unique("words"), unique("windows"), unique("wwc"));
+    let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
+    let broker = BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, 6), (&changelog, 6)]);
+    let dir = tempfile::tempdir().unwrap();
+    let job = |n: usize| windowed_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+    let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
+    // Words from a small vocabulary, so every window holds many counts of each.
+    let mut random = Seeded(seed);
+    let inputs: Vec<Input> = (0..9_000)
+        .map(|i| {
+            let words: Vec<String> = (0..3).map(|_| format!("v{}", random.next(40))).collect();
+            Input { partition: i % 12, key: None, value: words.join(" ") }
+        })
+        .collect();
+    let mut by_partition: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for input in &inputs {
+        by_partition.entry(input.partition).or_default().push(input.value.clone());
+    }
+    // Input arrives over time, so batches and windows differ.
+    let produce_slowly = |from: usize, until: usize| {
+        for chunk in inputs[from..until].chunks(300) {
+            produce(&broker.brokers, &topic, chunk);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+
+    let mut hosts: BTreeMap<usize, Running> = BTreeMap::from([(1, Running::start(job(1)))]);
+    produce_slowly(0, 1_500);
+    for n in [2, 3] {
+        hosts.insert(n, Running::start(job(n)));
+    }
+    let sharing = |hosts: &mut BTreeMap<usize, Running>| hosts.values_mut().all(|host| !owned(host).is_empty());
+    wait_for_hosts(&mut hosts, "the three hosts share the work", sharing, String::new);
+    produce_slowly(1_500, 4_500);
+
+    // One dies at a seeded moment under load; a fresh host joins; the first leaves.
+    let victim = 2 + (seed % 2) as usize;
+    let threshold = records_in(hosts.get_mut(&victim).unwrap()) + 100 + (seed as usize * 977) % 600;
+    let producer = {
+        let (brokers, topic, rest) = (broker.brokers.clone(), topic.clone(), inputs[4_500..6_000].to_vec());
+        std::thread::spawn(move || {
+            for chunk in rest.chunks(300) {
+                produce(&brokers, &topic, chunk);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
+    wait_until("the victim has counted more", || {
+        records_in(hosts.get_mut(&victim).unwrap()) >= threshold || producer.is_finished()
+    });
+    let killed = hosts.remove(&victim).unwrap().kill();
+    producer.join().unwrap();
+    hosts.insert(4, Running::start(job(4)));
+    wait_until("host-4 has joined", || !owned(hosts.get_mut(&4).unwrap()).is_empty());
+    let left = hosts.remove(&1).unwrap().stop();
+    produce_slowly(6_000, 9_000);
+
+    wait_for_hosts(
+        &mut hosts,
+        "the input and the shuffle are committed to their ends",
+        |_| caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
+        || format!("{:?}", offsets(&broker.brokers, &topic, &group)),
+    );
+    let mut logs = vec![killed, left];
+    let last_pane = |logs: &[Vec<String>], hosts: &mut BTreeMap<usize, Running>| {
+        let mut all: Vec<Vec<String>> = logs.to_vec();
+        all.extend(hosts.values_mut().map(|host| host.drain_log().to_vec()));
+        let batch = regex::Regex::new(r"batch (\d+) ms on \S+[^:]*: ([1-9]\d*) in").unwrap();
+        all.iter()
+            .flatten()
+            .filter_map(|line| batch.captures(line))
+            .map(|c| c[1].parse::<i64>().unwrap())
+            .max()
+            .unwrap()
+    };
+    // The last window that holds the last pane.
+    let last_end = (last_pane(&logs, &mut hosts) + 2_000 - 1).div_euclid(1_000) * 1_000;
+    let emitted = |output: &str| -> BTreeMap<(String, i64), Vec<u64>> {
+        let mut windows: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+        for record in consume(&broker.brokers, output) {
+            let end: i64 = record.headers["window-end"].as_deref().unwrap().parse().unwrap();
+            let value = record.value.unwrap();
+            let (word, n) = value.trim_matches(|c| c == '(' || c == ')').split_once(',').unwrap();
+            windows.entry((word.to_string(), end)).or_default().push(n.parse().unwrap());
+        }
+        windows
+    };
+    wait_for_hosts(
+        &mut hosts,
+        "the last windows are emitted",
+        |_| emitted(&output).keys().any(|(_, end)| *end >= last_end),
+        || format!("waiting for window end {last_end}"),
+    );
+    let killed_dir = dir.path().join(format!("host-{victim}"));
+    for (_, host) in std::mem::take(&mut hosts) {
+        logs.push(host.stop());
+    }
+
+    let expected = brute_force_windows(&by_partition, &batch_ranges(&logs, &killed_dir), 2_000, 1_000, last_end);
+    let mut observed = BTreeMap::new();
+    for ((word, end), counts) in emitted(&output).into_iter().filter(|((_, end), _)| *end <= last_end) {
+        // A slide emitted again after its owner died is the same result again.
+        assert!(counts.iter().all(|n| *n == counts[0]), "window {end} of {word} emitted as {counts:?}");
+        observed.insert((word, end), counts[0]);
+    }
+    let missing: Vec<_> = expected.iter().filter(|(k, n)| observed.get(*k) != Some(n)).take(5).collect();
+    let extra: Vec<_> = observed.iter().filter(|(k, _)| !expected.contains_key(*k)).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} windows expected, {} emitted; differing: {missing:?} (emitted {:?}); unexpected: {extra:?}",
+        expected.len(),
+        observed.len(),
+        missing.iter().map(|(k, _)| observed.get(*k)).collect::<Vec<_>>()
+    );
+    assert!(expected.len() > 200, "{} windows", expected.len());
+    let all: Vec<&String> = logs.iter().flatten().collect();
+    assert!(all.iter().any(|line| line.contains("restored state partition")), "someone restored from the changelog");
 }

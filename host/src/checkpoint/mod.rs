@@ -33,7 +33,7 @@ mod sizes;
 mod view;
 
 pub use builds::Builds;
-pub use partitions::PartitionMeta;
+pub use partitions::{PartitionMeta, PartitionWrite};
 pub use view::{HeldChanges, StateView};
 
 const EMPTY: &[u8] = &[];
@@ -69,6 +69,8 @@ const APPLIED_STARTS: TableDefinition<(&str, i32), i64> = TableDefinition::new("
 pub type Panes = Vec<(i64, Vec<u8>)>;
 /// A kept window result: (window end, value).
 pub type WindowResult = (i64, Vec<u8>);
+/// A key's pane at a time: (key, pane time, pane).
+pub type TimedPane = (Vec<u8>, i64, Vec<u8>);
 /// A key and its state bytes.
 pub type KeyState = (Vec<u8>, Vec<u8>);
 
@@ -185,12 +187,13 @@ pub enum StateWrite {
 #[derive(Debug, Default)]
 pub struct BatchChanges {
     pub state: Vec<StateWrite>,
-    /// New panes, at the batch's time.
-    pub panes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// New or grown panes: (key, pane time, pane). In one process a pane's time is the
+    /// batch's; with `--shared-state`, the time of the stage-1 batch its values came from.
+    pub panes: Vec<TimedPane>,
     /// Panes that left every window, by (key, pane time).
     pub expired_panes: Vec<(Vec<u8>, i64)>,
-    /// Window results kept for the next slide's inverse reduce.
-    pub window_results: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Window results kept for the next slide's inverse reduce: (key, window end, result).
+    pub window_results: Vec<(Vec<u8>, i64, Vec<u8>)>,
     /// Keys whose kept window result is dropped.
     pub dropped_windows: Vec<Vec<u8>>,
     /// With `--shared-state`: the state partitions' new metas.
@@ -503,8 +506,8 @@ impl Checkpoint {
                 }
             }
             let mut panes = txn.open_table(PANES)?;
-            for (key, value) in &changes.panes {
-                let old = panes.insert((key.as_slice(), batch_time), value.as_slice())?;
+            for (key, time, value) in &changes.panes {
+                let old = panes.insert((key.as_slice(), *time), value.as_slice())?;
                 sizes.pane(partitions, key, old.map(|old| old.value().len()), Some(value.len()));
             }
             for (key, time) in &changes.expired_panes {
@@ -512,8 +515,8 @@ impl Checkpoint {
                 sizes.pane(partitions, key, old.map(|old| old.value().len()), None);
             }
             let mut windows = txn.open_table(WINDOWS)?;
-            for (key, value) in &changes.window_results {
-                windows.insert(key.as_slice(), (batch_time, value.as_slice()))?;
+            for (key, end, value) in &changes.window_results {
+                windows.insert(key.as_slice(), (*end, value.as_slice()))?;
             }
             for key in &changes.dropped_windows {
                 windows.remove(key.as_slice())?;

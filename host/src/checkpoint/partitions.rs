@@ -8,7 +8,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::sizes::SizeChanges;
-use super::{Checkpoint, CheckpointView, STATE, StoredState, TOUCHED, state_partition};
+use super::{Checkpoint, CheckpointView, PANES, STATE, StoredState, TOUCHED, WINDOWS, state_partition};
 use crate::offsets::TopicPartition;
 
 /// state partition → JSON [`PartitionMeta`].
@@ -31,6 +31,24 @@ pub struct PartitionMeta {
     /// up to date, and is published (a snapshot) before the partition is shared.
     #[serde(default)]
     pub dirty: bool,
+    /// Windowed jobs: the end of the last window slide this partition emitted (0: none yet).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub windows_to: i64,
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
+}
+
+/// One change a restore from the changelog applies to a state partition's local copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionWrite {
+    /// A key's state, or its removal.
+    State { key: Vec<u8>, stored: Option<StoredState> },
+    /// A key's pane at `time`, or its expiry.
+    Pane { key: Vec<u8>, time: i64, pane: Option<Vec<u8>> },
+    /// A key's kept window result (window end, value), or its removal.
+    Window { key: Vec<u8>, result: Option<(i64, Vec<u8>)> },
 }
 
 impl PartitionMeta {
@@ -76,30 +94,46 @@ impl Checkpoint {
         Ok(keys)
     }
 
-    /// Applies one changelog batch of a state partition (keys set or removed) with the meta
-    /// its marker carried, in one transaction.
-    pub fn restore_partition(
-        &self,
-        partition: u32,
-        writes: &[(Vec<u8>, Option<StoredState>)],
-        meta: &PartitionMeta,
-    ) -> Result<()> {
+    /// Applies one changelog batch of a state partition (keys, panes and window results set
+    /// or removed) with the meta its marker carried, in one transaction.
+    pub fn restore_partition(&self, partition: u32, writes: &[PartitionWrite], meta: &PartitionMeta) -> Result<()> {
         let txn = self.db.begin_write()?;
         let mut sizes = SizeChanges::default();
+        let partitions = self.state_partitions;
         {
             let mut state = txn.open_table(STATE)?;
             let mut touched = txn.open_table(TOUCHED)?;
-            for (key, write) in writes {
-                let previous = state.remove(key.as_slice())?.map(|old| (old.value().0, old.value().2.len()));
-                let after = write.as_ref().map(|stored| stored.bytes.len());
-                sizes.entry(self.state_partitions, key, previous.map(|(_, bytes)| bytes), after);
-                if let Some((previous, _)) = previous.filter(|_| self.touched_index) {
-                    touched.remove((previous, key.as_slice()))?;
-                }
-                if let Some(stored) = write {
-                    state.insert(key.as_slice(), (stored.touched, stored.schema, stored.bytes.as_slice()))?;
-                    if self.touched_index {
-                        touched.insert((stored.touched, key.as_slice()), ())?;
+            let mut panes = txn.open_table(PANES)?;
+            let mut windows = txn.open_table(WINDOWS)?;
+            for write in writes {
+                match write {
+                    PartitionWrite::State { key, stored } => {
+                        let previous = state.remove(key.as_slice())?.map(|old| (old.value().0, old.value().2.len()));
+                        let after = stored.as_ref().map(|stored| stored.bytes.len());
+                        sizes.entry(partitions, key, previous.map(|(_, bytes)| bytes), after);
+                        if let Some((previous, _)) = previous.filter(|_| self.touched_index) {
+                            touched.remove((previous, key.as_slice()))?;
+                        }
+                        if let Some(stored) = stored {
+                            state.insert(key.as_slice(), (stored.touched, stored.schema, stored.bytes.as_slice()))?;
+                            if self.touched_index {
+                                touched.insert((stored.touched, key.as_slice()), ())?;
+                            }
+                        }
+                    }
+                    PartitionWrite::Pane { key, time, pane } => {
+                        let previous = match pane {
+                            Some(pane) => panes.insert((key.as_slice(), *time), pane.as_slice())?,
+                            None => panes.remove((key.as_slice(), *time))?,
+                        };
+                        let after = pane.as_ref().map(Vec::len);
+                        sizes.pane(partitions, key, previous.map(|old| old.value().len()), after);
+                    }
+                    PartitionWrite::Window { key, result } => {
+                        match result {
+                            Some((end, value)) => windows.insert(key.as_slice(), (*end, value.as_slice()))?,
+                            None => windows.remove(key.as_slice())?,
+                        };
                     }
                 }
             }

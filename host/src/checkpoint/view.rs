@@ -80,10 +80,11 @@ impl StateView<'_> {
     pub fn panes(&self) -> Result<BTreeMap<Vec<u8>, Panes>> {
         let mut panes = self.checkpoint.panes()?;
         for held in self.held {
-            for (key, pane) in &held.changes.panes {
+            for (key, time, pane) in &held.changes.panes {
                 let key_panes = panes.entry(key.clone()).or_default();
-                key_panes.retain(|(time, _)| *time != held.batch_time);
-                key_panes.push((held.batch_time, pane.clone()));
+                key_panes.retain(|(pane_time, _)| pane_time != time);
+                key_panes.push((*time, pane.clone()));
+                key_panes.sort_by_key(|(time, _)| *time);
             }
             for (key, time) in &held.changes.expired_panes {
                 if let Some(key_panes) = panes.get_mut(key) {
@@ -99,8 +100,8 @@ impl StateView<'_> {
     pub fn window_results(&self) -> Result<BTreeMap<Vec<u8>, WindowResult>> {
         let mut results = self.checkpoint.window_results()?;
         for held in self.held {
-            for (key, value) in &held.changes.window_results {
-                results.insert(key.clone(), (held.batch_time, value.clone()));
+            for (key, end, value) in &held.changes.window_results {
+                results.insert(key.clone(), (*end, value.clone()));
             }
             for key in &held.changes.dropped_windows {
                 results.remove(key);
@@ -113,8 +114,13 @@ impl StateView<'_> {
     pub fn panes_at(&self, keys: &[&[u8]], batch_time: i64) -> Result<Vec<Option<Vec<u8>>>> {
         match self.held.iter().rev().find(|held| held.batch_time == batch_time) {
             Some(held) => {
-                let panes: HashMap<&[u8], &Vec<u8>> =
-                    held.changes.panes.iter().map(|(key, pane)| (key.as_slice(), pane)).collect();
+                let panes: HashMap<&[u8], &Vec<u8>> = held
+                    .changes
+                    .panes
+                    .iter()
+                    .filter(|(_, time, _)| *time == batch_time)
+                    .map(|(key, _, pane)| (key.as_slice(), pane))
+                    .collect();
                 Ok(keys.iter().map(|key| panes.get(key).map(|pane| (*pane).clone())).collect())
             }
             None => self.checkpoint.panes_at(keys, batch_time),

@@ -42,7 +42,7 @@ use crate::observe::progress::Progress;
 use crate::observe::{self, JobFacts, Observer};
 use crate::offsets::{OffsetRange, TopicPartition, describe_ranges};
 use crate::runtime::{BatchContext, InputRecord, KeyedValue, OutputRecord, PluginInstance, PluginKind, PluginRuntime};
-use crate::shared_state::{self, Resolved, SharedState, StageRecord};
+use crate::shared_state::{self, Resolved, SharedState, Shuffled, StageRecord};
 use crate::sinks::{DeadLetter, KafkaSink, PostgresSink, PrintSink, Sinks, TransactionError};
 use crate::source::{Committed, KafkaSource, Lost, Unreadable, join};
 use crate::{failpoint, panics};
@@ -294,7 +294,8 @@ impl Engine {
         let shared = match &checkpoint {
             Some(checkpoint) if job.shared_state => {
                 shared_state::prepare_topics(&job, checkpoint.state_partitions)?;
-                Some(SharedState::connect(&job, checkpoint.state_partitions, &checkpoint.store)?)
+                let windowed = plugin.kind() == PluginKind::Windowed;
+                Some(SharedState::connect(&job, checkpoint.state_partitions, &checkpoint.store, windowed)?)
             }
             _ => None,
         };
@@ -1041,12 +1042,12 @@ impl Engine {
                 {
                     let metas = std::mem::take(&mut held.changes.partitions);
                     held.changes.partitions =
-                        shared.write_changelog(kafka, &held.changes.state, metas, plan.batch_time, held.schema)?;
+                        shared.write_changelog(kafka, &held.changes, metas, plan.batch_time, held.schema)?;
                 }
             }
             if plan.shared {
                 let metas = std::mem::take(&mut changes.partitions);
-                changes.partitions = shared.write_changelog(kafka, &changes.state, metas, batch_time, schema)?;
+                changes.partitions = shared.write_changelog(kafka, &changes, metas, batch_time, schema)?;
             }
         }
         // The group's offsets move to the ends of every batch committing now.
@@ -1068,10 +1069,17 @@ impl Engine {
         // would only add to the coordinator's load, and a commit is what a member joining the
         // group has to wait for (a commit refused during a rebalance is retried until the
         // member has rejoined).
+        // Except with windows across hosts: there each commit's batch time moves the
+        // watermark, so an idle partition must not hold every window back — unless the group
+        // is about to change (a commit then waits for the rebalance; the watermark can wait a
+        // batch instead).
         let newly_applied = &self.positions.newly_applied;
         let group = &self.positions.group;
+        let windows_shared =
+            self.shared.is_some() && self.plugin.kind() == PluginKind::Windowed && !self.source.rebalance_pending()?;
         group_ranges.retain(|range| {
-            group.get(&range.partition) != Some(&range.until)
+            windows_shared
+                || group.get(&range.partition) != Some(&range.until)
                 || newly_applied.iter().any(|(partition, _)| *partition == range.partition)
         });
         if work.deliver && self.sinks.kafka.transactional() {
@@ -1342,13 +1350,16 @@ impl Engine {
                             (values, None)
                         }
                         (Keyed::Shared(resolved), Some(shared)) => {
-                            shuffled = shared.stage_one(&ranges, values);
+                            shuffled = shared.stage_one(&ranges, values, batch_time);
                             let mut applied = Vec::with_capacity(resolved.len());
                             for (partition, resolved) in resolved {
                                 if resolved.meta != shared.meta(partition) {
                                     changes.partitions.push((partition, resolved.meta));
                                 }
-                                let values = resolved.values.into_iter().map(|(key, value)| KeyedValue { key, value });
+                                let values = resolved
+                                    .values
+                                    .into_iter()
+                                    .map(|Shuffled { key, value, .. }| KeyedValue { key, value });
                                 applied.push(values.collect());
                             }
                             shared.advance(&changes.partitions);
@@ -1365,6 +1376,29 @@ impl Engine {
                         batch_time,
                     }
                     .run(&mut self.instances, values, &mut changes)?
+                }
+                PluginKind::Windowed if self.shared.is_some() => {
+                    let window = self.job.window.context("a windowed plugin needs --window")?;
+                    let (Keyed::Shared(mut resolved), Some(shared)) = (keyed, &mut self.shared) else {
+                        bail!("a windowed batch with --shared-state that did not go through the shuffle topic")
+                    };
+                    let ranges: Vec<OffsetRange> = tasks.iter().map(PartitionTask::range).collect();
+                    shuffled = shared.stage_one(&ranges, values, batch_time);
+                    let outputs = window::SharedWindowStep {
+                        state: &view,
+                        partitions: checkpoint.state_partitions,
+                        length_ms: window.length.as_millis() as i64,
+                        slide_ms: window.slide.as_millis() as i64,
+                        invertible: checkpoint.invertible,
+                    }
+                    .run(&mut self.instances[0], &mut resolved, &mut changes)?;
+                    for (partition, resolved) in resolved {
+                        if resolved.meta != shared.meta(partition) {
+                            changes.partitions.push((partition, resolved.meta));
+                        }
+                    }
+                    shared.advance(&changes.partitions);
+                    outputs
                 }
                 PluginKind::Windowed => {
                     let window = self.job.window.context("a windowed plugin needs --window")?;
@@ -1392,7 +1426,6 @@ impl Engine {
     /// unless this host runs the job alone — every input and state partition its own and
     /// nothing left in its shuffle partitions — when the in-process shuffle is enough.
     fn keyed(&mut self, work: &Work) -> Result<Keyed> {
-        // Only stateful plugins run with shared state (check_job_fits_plugin).
         let Some(shared) = &mut self.shared else { return Ok(Keyed::InProcess) };
         if !work.deliver {
             // Rebuilding the state of a batch that ran alone (its values never reached the
@@ -1408,8 +1441,20 @@ impl Engine {
             return Ok(Keyed::Alone { read_to: BTreeMap::new() });
         }
         let source = &self.source;
-        let mut stage_two = shared.read_stage_two(|| source.committed(&source.all_input_partitions()?))?;
-        if stage_two.drained && shared.owns_all() && source.partitions().count() == source.all_partitions()? {
+        let mut stage_two = shared.read_stage_two(|| {
+            let inputs = source.all_input_partitions()?;
+            let commits = source.committed(&inputs)?;
+            Ok((inputs, commits))
+        })?;
+        // A windowed job always goes through the shuffle: its panes carry the time of the batch
+        // that read their records, and a slide waits for every input partition (the
+        // watermark), which one host alone would have to fake.
+        let windowed = self.plugin.kind() == PluginKind::Windowed;
+        if !windowed
+            && stage_two.drained
+            && shared.owns_all()
+            && source.partitions().count() == source.all_partitions()?
+        {
             let read_to = stage_two.resolved.iter().map(|(partition, r)| (*partition, r.meta.resume)).collect();
             return Ok(Keyed::Alone { read_to });
         }
@@ -1510,12 +1555,9 @@ fn check_job_fits_plugin(job: &JobConfig, plugin: &PluginRuntime) -> Result<()> 
         (PluginKind::Windowed | PluginKind::Transform, _, Some(_)) => {
             bail!("--state-timeout is for stateful plugins; plugin {name} is a {kind} plugin")
         }
-        _ if job.shared_state && kind != PluginKind::Stateful => bail!(
-            "--shared-state is for stateful plugins; plugin {name} is a {kind} plugin{}",
-            match kind {
-                PluginKind::Windowed => " (windowed jobs run on one host at a time for now)",
-                _ => " (a transform keeps no state: several hosts share it without this option)",
-            }
+        (PluginKind::Transform, _, _) if job.shared_state => bail!(
+            "--shared-state is for stateful and windowed plugins; plugin {name} is a transform (it keeps no \
+             state: several hosts share it without this option)"
         ),
         _ => Ok(()),
     }

@@ -25,11 +25,23 @@ use crate::source::Committed;
 pub struct Resolved {
     /// Keyed values to apply, each committed range's values in the order written, ranges in
     /// chain order, input partitions in order.
-    pub values: Vec<(Vec<u8>, Vec<u8>)>,
+    pub values: Vec<Shuffled>,
     /// The partition's meta with the applied offsets moved and the shuffle's new resume point.
     pub meta: PartitionMeta,
     /// Input partitions whose committed range is not in the shuffle yet (or no longer).
     pub waiting: Vec<TopicPartition>,
+    /// Windowed jobs: every record read by a batch before this time is in the partition now
+    /// (see [`watermark`]); `None` while an input partition is behind or was never committed.
+    pub watermark: Option<i64>,
+}
+
+/// A keyed value that came through the shuffle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shuffled {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// The time of the stage-1 batch that read its record (0 if its writer did not say).
+    pub batch_time: i64,
 }
 
 /// One attempt's values of a range in this shuffle partition.
@@ -40,6 +52,8 @@ struct Attempt {
     first: i64,
     /// Offset of its end marker: `None` while (or if forever) incomplete.
     end: Option<i64>,
+    /// The stage-1 batch's time, from the end marker.
+    batch_time: Option<i64>,
     values: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -80,7 +94,9 @@ pub fn resolve(
         let mut attempts: Vec<Option<Attempt>> = attempts.into_iter().map(Some).collect();
         for &index in chain.iter().rev() {
             let attempt = attempts[index].take().expect("each attempt once");
-            resolved.values.extend(attempt.values);
+            let batch_time = attempt.batch_time.unwrap_or_default();
+            let values = attempt.values.into_iter().map(|(key, value)| Shuffled { key, value, batch_time });
+            resolved.values.extend(values);
             resolved.meta.set_applied(&source, attempt.range.until);
         }
         // What is left waits for its commit, unless the applied offset has passed its start.
@@ -95,6 +111,32 @@ pub fn resolve(
     Ok(resolved)
 }
 
+/// The time before which every stage-1 batch of every input partition has been applied to a
+/// state partition, once `resolved` is: the oldest batch time among the group's commits of
+/// `inputs`, provided the partition has applied each of them up to its committed offset.
+/// A batch that commits an input partition later has a time at least its last commit's (batch
+/// times are ticks of the wall clock, and a new owner plans only after the old one committed),
+/// so no value of a pane before the watermark can still come. Every input partition is
+/// committed every batch (idle ones too), so the watermark follows the slowest host.
+/// `Err` says which input partition holds it back, and why.
+pub fn watermark(
+    resolved: &Resolved,
+    inputs: &[TopicPartition],
+    commits: &BTreeMap<TopicPartition, Committed>,
+) -> Result<i64, String> {
+    let mut oldest: Option<i64> = None;
+    for input in inputs {
+        let commit = commits.get(input).ok_or_else(|| format!("{input} has no committed offset yet"))?;
+        let applied = resolved.meta.applied(input);
+        if resolved.waiting.contains(input) || applied.is_some_and(|a| a != commit.offset) {
+            return Err(format!("{input} is committed up to {}, applied up to {applied:?}", commit.offset));
+        }
+        let batch = commit.metadata.as_ref().ok_or_else(|| format!("{input}'s commit has no Sluice metadata"))?.batch;
+        oldest = Some(oldest.map_or(batch, |oldest| oldest.min(batch)));
+    }
+    oldest.ok_or_else(|| "no input partitions".to_string())
+}
+
 /// Groups entries into attempts: a range's values up to its end marker (the last `count`
 /// of them: an earlier attempt of the same range may have left a torn prefix), and the
 /// values of ranges whose end has not been read.
@@ -106,12 +148,14 @@ fn attempts(entries: Vec<ShuffleEntry>) -> Vec<Attempt> {
             range: entry.range.clone(),
             first: entry.offset,
             end: None,
+            batch_time: None,
             values: Vec::new(),
         });
         match entry.kind {
             EntryKind::Value { key, value } => attempt.values.push((key, value)),
-            EntryKind::End { count } => {
+            EntryKind::End { count, batch_time } => {
                 let mut attempt = open.remove(&entry.range).expect("just inserted");
+                attempt.batch_time = batch_time;
                 let count = count as usize;
                 if attempt.values.len() >= count {
                     attempt.values.drain(..attempt.values.len() - count);
@@ -195,7 +239,8 @@ mod tests {
         }
         if end {
             let offset = log.len() as i64;
-            log.push(ShuffleEntry { offset, range, kind: EntryKind::End { count: values.len() as u32 } });
+            let kind = EntryKind::End { count: values.len() as u32, batch_time: Some(offset) };
+            log.push(ShuffleEntry { offset, range, kind });
         }
     }
 
@@ -208,7 +253,7 @@ mod tests {
     }
 
     fn applied_values(resolved: &Resolved) -> Vec<String> {
-        resolved.values.iter().map(|(k, _)| String::from_utf8(k.clone()).unwrap()).collect()
+        resolved.values.iter().map(|v| String::from_utf8(v.key.clone()).unwrap()).collect()
     }
 
     #[test]
@@ -285,6 +330,29 @@ mod tests {
         write(&mut log, 100, 110, &["x"], true);
         let error = resolve(P, log, &meta(None), &commits, 2).unwrap_err();
         assert!(format!("{error:#}").contains("never published"), "{error:#}");
+    }
+
+    #[test]
+    fn the_watermark_is_the_oldest_commit_once_every_commit_is_applied() {
+        let (a, b) = (TopicPartition::new("in", 0), TopicPartition::new("in", 1));
+        let commit =
+            |offset, batch| Committed { offset, metadata: Some(CommitMetadata { batch, ..CommitMetadata::default() }) };
+        let commits = BTreeMap::from([(a.clone(), commit(10, 5_000)), (b.clone(), commit(0, 4_000))]);
+        let inputs = [a.clone(), b.clone()];
+        let mut resolved = Resolved {
+            meta: PartitionMeta { applied: vec![(a.clone(), 10)], ..PartitionMeta::default() },
+            ..Resolved::default()
+        };
+        // b is idle (committed at its start, nothing applied): its commit's batch time counts.
+        assert_eq!(watermark(&resolved, &inputs, &commits), Ok(4_000));
+        resolved.meta.set_applied(&a, 8);
+        assert!(watermark(&resolved, &inputs, &commits).unwrap_err().contains("applied up to Some(8)"));
+        resolved.meta.set_applied(&a, 10);
+        resolved.waiting.push(b.clone());
+        assert!(watermark(&resolved, &inputs, &commits).is_err(), "a committed range not in the shuffle yet");
+        resolved.waiting.clear();
+        let unknown = [a, b, TopicPartition::new("in", 2)];
+        assert!(watermark(&resolved, &unknown, &commits).unwrap_err().contains("no committed offset"));
     }
 
     #[test]

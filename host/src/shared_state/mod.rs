@@ -17,11 +17,13 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-pub use chain::Resolved;
+pub use chain::{Resolved, Shuffled};
 pub use records::StageRecord;
 use records::{ChangelogEntry, ShuffleEntry, SourceRange};
 
-use crate::checkpoint::{Checkpoint, PartitionMeta, StateWrite, StoredState, state_partition};
+use crate::checkpoint::{
+    BatchChanges, Checkpoint, PartitionMeta, PartitionWrite, StateWrite, StoredState, state_partition,
+};
 use crate::config::JobConfig;
 use crate::observe::progress::Progress;
 use crate::offsets::{OffsetRange, TopicPartition};
@@ -193,6 +195,9 @@ pub struct SharedState {
     /// Since when each state partition waits for a committed batch's values (warned about
     /// when it lasts).
     waiting_since: BTreeMap<u32, Instant>,
+    /// A windowed job: every batch goes through the shuffle, and stage 2 needs the group's
+    /// commits each batch (they move the watermark).
+    windowed: bool,
 }
 
 /// What stage 2 read for a batch.
@@ -204,7 +209,7 @@ pub struct StageTwo {
 }
 
 impl SharedState {
-    pub fn connect(job: &JobConfig, partitions: u32, checkpoint: &Checkpoint) -> Result<SharedState> {
+    pub fn connect(job: &JobConfig, partitions: u32, checkpoint: &Checkpoint, windowed: bool) -> Result<SharedState> {
         let mut config = job.kafka_client_config();
         config
             .set("group.id", format!("{}-state-reader", job.group))
@@ -234,6 +239,7 @@ impl SharedState {
             broker_timeout: job.broker_timeout,
             brokers: job.brokers.clone(),
             waiting_since: BTreeMap::new(),
+            windowed,
         })
     }
 
@@ -278,7 +284,7 @@ impl SharedState {
             self.read(&self.changelog.clone(), &[(partition, meta.changelog)])?.remove(&partition).unwrap_or_default();
         let mut meta = meta;
         let (mut batch, mut keys, mut batches) = (Vec::new(), 0usize, 0usize);
-        let mut pending: Vec<(String, Vec<u8>, Option<StoredState>)> = Vec::new();
+        let mut pending: Vec<(String, PartitionWrite)> = Vec::new();
         let mut progress = Progress::start(format!("restoring state partition {partition}"), "records");
         let mut since_marker = 0;
         for (index, record) in records.iter().enumerate() {
@@ -288,12 +294,18 @@ impl SharedState {
             {
                 ChangelogEntry::State { writer, key, state } => {
                     let stored = state.map(|(touched, schema, bytes)| StoredState { touched, schema, bytes });
-                    pending.push((writer, key, stored));
+                    pending.push((writer, PartitionWrite::State { key, stored }));
+                }
+                ChangelogEntry::Pane { writer, key, time, pane } => {
+                    pending.push((writer, PartitionWrite::Pane { key, time, pane }));
+                }
+                ChangelogEntry::Window { writer, key, result } => {
+                    pending.push((writer, PartitionWrite::Window { key, result }));
                 }
                 ChangelogEntry::Marker { writer, meta: marked } => {
                     // A batch's changes count only with its marker; anything else before it
                     // was written by an attempt that did not finish.
-                    batch.extend(pending.drain(..).filter(|(w, _, _)| *w == writer).map(|(_, k, s)| (k, s)));
+                    batch.extend(pending.drain(..).filter(|(w, _)| *w == writer).map(|(_, write)| write));
                     meta = PartitionMeta { changelog: record.offset + 1, dirty: false, ..marked };
                     keys += batch.len();
                     batches += 1;
@@ -368,14 +380,15 @@ impl SharedState {
 
     /// Stage 2's input: the owned shuffle partitions' records from where each was resolved
     /// to, against the group's commits of the input partitions.
+    /// `commits` gives every input partition and the group's commits of them.
     pub fn read_stage_two(
         &mut self,
-        commits: impl FnOnce() -> Result<BTreeMap<TopicPartition, Committed>>,
+        commits: impl FnOnce() -> Result<(Vec<TopicPartition>, BTreeMap<TopicPartition, Committed>)>,
     ) -> Result<StageTwo> {
         let starts: Vec<(u32, i64)> = self.owned.iter().map(|&p| (p, self.meta(p).resume)).collect();
         let partitions: Vec<u32> = starts.iter().map(|(p, _)| *p).collect();
         let ends = self.ends(&self.shuffle.clone(), &partitions)?;
-        if starts.iter().all(|(partition, start)| *start >= ends[partition]) {
+        if !self.windowed && starts.iter().all(|(partition, start)| *start >= ends[partition]) {
             let resolved = starts
                 .iter()
                 .map(|&(partition, _)| (partition, Resolved { meta: self.meta(partition), ..Resolved::default() }))
@@ -384,7 +397,7 @@ impl SharedState {
         }
         // Commits first, log ends second: every range the commits cover was acknowledged
         // before its commit, so it lies below the log ends read after.
-        let commits = commits()?;
+        let (inputs, commits) = commits()?;
         let mut read = self.read(&self.shuffle.clone(), &starts)?;
         let mut resolved = BTreeMap::new();
         let mut drained = true;
@@ -396,7 +409,13 @@ impl SharedState {
                 .map(|r| ShuffleEntry::read(r.offset, r.key.as_deref(), r.value.as_deref(), &r.headers))
                 .collect::<Result<Vec<_>>>()
                 .with_context(|| format!("shuffle partition {partition}"))?;
-            let outcome = chain::resolve(partition, entries, &self.meta(partition), &commits, end)?;
+            let mut outcome = chain::resolve(partition, entries, &self.meta(partition), &commits, end)?;
+            if self.windowed {
+                match chain::watermark(&outcome, &inputs, &commits) {
+                    Ok(watermark) => outcome.watermark = Some(watermark),
+                    Err(held) => tracing::debug!("state partition {partition}: window slides wait: {held}"),
+                }
+            }
             if !outcome.waiting.is_empty() {
                 let waiting: Vec<String> = outcome.waiting.iter().map(ToString::to_string).collect();
                 let since = *self.waiting_since.entry(partition).or_insert_with(Instant::now);
@@ -418,8 +437,8 @@ impl SharedState {
     }
 
     /// Stage 1's records: each input range's keyed values to the shuffle partition of its key,
-    /// then the range's end in every shuffle partition.
-    pub fn stage_one(&self, ranges: &[OffsetRange], values: Vec<Vec<KeyedValue>>) -> Vec<StageRecord> {
+    /// then the range's end (with the batch's time) in every shuffle partition.
+    pub fn stage_one(&self, ranges: &[OffsetRange], values: Vec<Vec<KeyedValue>>, batch_time: i64) -> Vec<StageRecord> {
         let mut records = Vec::new();
         for (range, values) in ranges.iter().zip(values) {
             if range.until <= range.from {
@@ -433,19 +452,19 @@ impl SharedState {
                 records.push(StageRecord::shuffled(&self.shuffle, partition, &source, value.key, value.value));
             }
             for (partition, count) in counts.into_iter().enumerate() {
-                records.push(StageRecord::shuffle_end(&self.shuffle, partition as u32, &source, count));
+                records.push(StageRecord::shuffle_end(&self.shuffle, partition as u32, &source, count, batch_time));
             }
         }
         records
     }
 
-    /// Stage 2's changelog for a batch: each owned partition's state writes, then a marker
-    /// with its new meta. Written after the group commit, before the checkpoint's; returns
-    /// the metas (with their changelog ends) for the checkpoint.
+    /// Stage 2's changelog for a batch: each owned partition's state writes (or panes and
+    /// window results), then a marker with its new meta. Written before the group commit and
+    /// the checkpoint's; returns the metas (with their changelog ends) for the checkpoint.
     pub fn write_changelog(
         &mut self,
         sink: &mut KafkaSink,
-        writes: &[StateWrite],
+        changes: &BatchChanges,
         metas: Vec<(u32, PartitionMeta)>,
         batch_time: i64,
         schema: u32,
@@ -453,19 +472,29 @@ impl SharedState {
         let writer = format!("{}@{batch_time}", self.member);
         let mut metas: BTreeMap<u32, PartitionMeta> = metas.into_iter().collect();
         let mut by_partition: BTreeMap<u32, Vec<StageRecord>> = BTreeMap::new();
-        for write in writes {
+        let (changelog, partitions) = (&self.changelog, self.partitions);
+        let mut add = |key: &[u8], record: &dyn Fn(u32) -> StageRecord| {
+            let partition = state_partition(key, partitions);
+            by_partition.entry(partition).or_default().push(record(partition));
+        };
+        for write in &changes.state {
             let (key, state) = match write {
                 StateWrite::Put { key, bytes, .. } => (key, Some((batch_time, schema, bytes.clone()))),
                 StateWrite::Remove { key, .. } => (key, None),
             };
-            let partition = state_partition(key, self.partitions);
-            by_partition.entry(partition).or_default().push(StageRecord::state(
-                &self.changelog,
-                partition,
-                &writer,
-                key.clone(),
-                state,
-            ));
+            add(key, &|p| StageRecord::state(changelog, p, &writer, key.clone(), state.clone()));
+        }
+        for (key, time, pane) in &changes.panes {
+            add(key, &|p| StageRecord::pane(changelog, p, &writer, key, *time, Some(pane.clone())));
+        }
+        for (key, time) in &changes.expired_panes {
+            add(key, &|p| StageRecord::pane(changelog, p, &writer, key, *time, None));
+        }
+        for (key, end, value) in &changes.window_results {
+            add(key, &|p| StageRecord::window(changelog, p, &writer, key, Some((*end, value.clone()))));
+        }
+        for key in &changes.dropped_windows {
+            add(key, &|p| StageRecord::window(changelog, p, &writer, key, None));
         }
         // Changes without new input (keys timing out) end with the partition's marker too.
         for partition in by_partition.keys() {

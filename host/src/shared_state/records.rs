@@ -18,6 +18,19 @@ pub const WRITER_HEADER: &str = "sluice-writer";
 pub const STATE_HEADER: &str = "sluice-state";
 /// Header of a changelog marker: the partition's [`PartitionMeta`] as JSON.
 pub const MARKER_HEADER: &str = "sluice-marker";
+/// Header of a shuffle end marker: the stage-1 batch's time (i64, little-endian), which is the
+/// time of the window pane its values belong to.
+pub const BATCH_HEADER: &str = "sluice-batch";
+/// Header of a changelog pane record: the pane's time (i64, little-endian).
+pub const PANE_HEADER: &str = "sluice-pane";
+/// Header of a changelog window-result record: the window's end (i64, little-endian; empty
+/// when the result is removed).
+pub const WINDOW_HEADER: &str = "sluice-window";
+/// First byte of a pane record's Kafka key (then the pane time, big-endian, then the key), so
+/// that compaction keeps one record per key and pane.
+const PANE_KEY: u8 = 1;
+/// First byte of a window-result record's Kafka key (then the key).
+const WINDOW_KEY: u8 = 2;
 /// The key of every changelog marker, so compaction keeps only the newest one.
 pub const MARKER_KEY: &[u8] = b"\0sluice-state-partition";
 
@@ -71,9 +84,11 @@ pub enum EntryKind {
         key: Vec<u8>,
         value: Vec<u8>,
     },
-    /// The range wrote `count` values to this shuffle partition before this record.
+    /// The range wrote `count` values to this shuffle partition before this record, in the
+    /// stage-1 batch of `batch_time` (absent in records of versions before windows shared).
     End {
         count: u32,
+        batch_time: Option<i64>,
     },
 }
 
@@ -86,7 +101,7 @@ impl ShuffleEntry {
             .with_context(|| format!("shuffle record at offset {offset} has no {SHUFFLE_HEADER} header"))?;
         let (range, end) = SourceRange::decode(header).with_context(|| format!("shuffle record at offset {offset}"))?;
         let kind = match end {
-            Some(count) => EntryKind::End { count },
+            Some(count) => EntryKind::End { count, batch_time: header_i64(headers, BATCH_HEADER) },
             None => {
                 EntryKind::Value { key: key.unwrap_or_default().to_vec(), value: value.unwrap_or_default().to_vec() }
             }
@@ -118,14 +133,62 @@ impl StageRecord {
         }
     }
 
-    /// The end of `range`'s `count` values in shuffle partition `partition`.
-    pub fn shuffle_end(topic: &str, partition: u32, range: &SourceRange, count: u32) -> StageRecord {
+    /// The end of `range`'s `count` values in shuffle partition `partition`, written by the
+    /// stage-1 batch of `batch_time`.
+    pub fn shuffle_end(topic: &str, partition: u32, range: &SourceRange, count: u32, batch_time: i64) -> StageRecord {
         StageRecord {
             topic: topic.to_string(),
             partition: partition as i32,
             key: Vec::new(),
             value: None,
-            headers: vec![(SHUFFLE_HEADER, range.encode(Some(count)))],
+            headers: vec![
+                (SHUFFLE_HEADER, range.encode(Some(count))),
+                (BATCH_HEADER, batch_time.to_le_bytes().to_vec()),
+            ],
+        }
+    }
+
+    /// A key's pane at `time` (`None`: expired) on changelog partition `partition`.
+    pub fn pane(
+        topic: &str,
+        partition: u32,
+        writer: &str,
+        key: &[u8],
+        time: i64,
+        pane: Option<Vec<u8>>,
+    ) -> StageRecord {
+        let mut kafka_key = vec![PANE_KEY];
+        kafka_key.extend_from_slice(&time.to_be_bytes());
+        kafka_key.extend_from_slice(key);
+        StageRecord {
+            topic: topic.to_string(),
+            partition: partition as i32,
+            key: kafka_key,
+            value: pane,
+            headers: vec![(WRITER_HEADER, writer.as_bytes().to_vec()), (PANE_HEADER, time.to_le_bytes().to_vec())],
+        }
+    }
+
+    /// A key's kept window result (`None`: dropped) on changelog partition `partition`.
+    pub fn window(
+        topic: &str,
+        partition: u32,
+        writer: &str,
+        key: &[u8],
+        result: Option<(i64, Vec<u8>)>,
+    ) -> StageRecord {
+        let mut kafka_key = vec![WINDOW_KEY];
+        kafka_key.extend_from_slice(key);
+        let (end, value) = match result {
+            Some((end, value)) => (end.to_le_bytes().to_vec(), Some(value)),
+            None => (Vec::new(), None),
+        };
+        StageRecord {
+            topic: topic.to_string(),
+            partition: partition as i32,
+            key: kafka_key,
+            value,
+            headers: vec![(WRITER_HEADER, writer.as_bytes().to_vec()), (WINDOW_HEADER, end)],
         }
     }
 
@@ -198,6 +261,25 @@ pub enum ChangelogEntry {
         writer: String,
         meta: PartitionMeta,
     },
+    /// A key's pane at `time`, or `None` when it expired.
+    Pane {
+        writer: String,
+        key: Vec<u8>,
+        time: i64,
+        pane: Option<Vec<u8>>,
+    },
+    /// A key's kept window result (end, value), or `None` when it was dropped.
+    Window {
+        writer: String,
+        key: Vec<u8>,
+        result: Option<(i64, Vec<u8>)>,
+    },
+}
+
+/// A little-endian i64 header's value, if the header is there and 8 bytes long.
+fn header_i64(headers: &[RawHeader], name: &str) -> Option<i64> {
+    let value = headers.iter().find(|header| header.name == name.as_bytes())?.value.as_deref()?;
+    Some(i64::from_le_bytes(value.try_into().ok()?))
 }
 
 impl ChangelogEntry {
@@ -217,7 +299,23 @@ impl ChangelogEntry {
             let meta = serde_json::from_slice(meta).with_context(|| format!("changelog marker at offset {offset}"))?;
             return Ok(ChangelogEntry::Marker { writer, meta });
         }
-        let key = key.unwrap_or_default().to_vec();
+        let key = key.unwrap_or_default();
+        if let Some(time) = header_i64(headers, PANE_HEADER) {
+            let key = key.get(9..).context("a pane record with a short key")?.to_vec();
+            return Ok(ChangelogEntry::Pane { writer, key, time, pane: value.map(<[u8]>::to_vec) });
+        }
+        if header(WINDOW_HEADER).is_some() {
+            let key = key.get(1..).context("a window record with a short key")?.to_vec();
+            let result = match value {
+                Some(value) => {
+                    let end = header_i64(headers, WINDOW_HEADER).context("a window result without its end")?;
+                    Some((end, value.to_vec()))
+                }
+                None => None,
+            };
+            return Ok(ChangelogEntry::Window { writer, key, result });
+        }
+        let key = key.to_vec();
         let state = match (value, header(STATE_HEADER)) {
             (Some(bytes), Some(state)) if state.len() == 12 => {
                 let touched = i64::from_le_bytes(state[..8].try_into().expect("8 bytes"));
@@ -244,12 +342,12 @@ mod tests {
     fn shuffle_headers_round_trip() {
         let range = SourceRange { source: TopicPartition::new("words", 7), from: 12, until: 40 };
         let value = StageRecord::shuffled("s", 3, &range, b"k".to_vec(), b"v".to_vec());
-        let end = StageRecord::shuffle_end("s", 3, &range, 9);
+        let end = StageRecord::shuffle_end("s", 3, &range, 9, 4_000);
         let read = ShuffleEntry::read(5, Some(b"k"), Some(b"v"), &raw(&value)).unwrap();
         assert_eq!(read.range, range);
         assert_eq!(read.kind, EntryKind::Value { key: b"k".to_vec(), value: b"v".to_vec() });
         let read = ShuffleEntry::read(6, None, None, &raw(&end)).unwrap();
-        assert_eq!(read.kind, EntryKind::End { count: 9 });
+        assert_eq!(read.kind, EntryKind::End { count: 9, batch_time: Some(4_000) });
     }
 
     #[test]
@@ -259,8 +357,25 @@ mod tests {
             ChangelogEntry::read(0, Some(b"k"), put.value.as_deref(), &raw(&put)).unwrap(),
             ChangelogEntry::State { writer: "a@1".into(), key: b"k".to_vec(), state: Some((17, 2, b"s".to_vec())) }
         );
+        let pane = StageRecord::pane("c", 0, "a@1", b"k", 3_000, Some(b"p".to_vec()));
+        assert_eq!(
+            ChangelogEntry::read(2, Some(&pane.key), pane.value.as_deref(), &raw(&pane)).unwrap(),
+            ChangelogEntry::Pane { writer: "a@1".into(), key: b"k".to_vec(), time: 3_000, pane: Some(b"p".to_vec()) }
+        );
+        let expired = StageRecord::pane("c", 0, "a@1", b"k", 3_000, None);
+        assert_ne!(expired.key, StageRecord::pane("c", 0, "a@1", b"k", 4_000, None).key, "one record per pane");
+        let window = StageRecord::window("c", 0, "a@1", b"k", Some((6_000, b"w".to_vec())));
+        assert_eq!(
+            ChangelogEntry::read(3, Some(&window.key), window.value.as_deref(), &raw(&window)).unwrap(),
+            ChangelogEntry::Window { writer: "a@1".into(), key: b"k".to_vec(), result: Some((6_000, b"w".to_vec())) }
+        );
+        let dropped = StageRecord::window("c", 0, "a@1", b"k", None);
+        assert_eq!(
+            ChangelogEntry::read(4, Some(&dropped.key), None, &raw(&dropped)).unwrap(),
+            ChangelogEntry::Window { writer: "a@1".into(), key: b"k".to_vec(), result: None }
+        );
         let meta =
-            PartitionMeta { applied: vec![(TopicPartition::new("in", 1), 9)], resume: 4, changelog: 0, dirty: false };
+            PartitionMeta { applied: vec![(TopicPartition::new("in", 1), 9)], resume: 4, ..PartitionMeta::default() };
         let marker = StageRecord::marker("c", 0, "a@1", &meta);
         assert_eq!(
             ChangelogEntry::read(1, Some(MARKER_KEY), Some(b""), &raw(&marker)).unwrap(),
