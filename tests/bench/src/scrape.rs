@@ -22,13 +22,16 @@ impl Scraper {
         let thread = std::thread::spawn(move || {
             let mut answered = 0;
             while !stopping.load(Ordering::Relaxed) {
+                let mut round = 0;
                 for path in ["/metrics", "/api/streaming"] {
                     match get(address, path) {
-                        Some(_) => answered += 1,
+                        Some(_) => round += 1,
                         None => std::thread::sleep(Duration::from_millis(10)),
                     }
                 }
-                if let Some(pause) = pause {
+                answered += round;
+                // The pace starts once the job answers (a short run may end within a pause).
+                if let Some(pause) = pause.filter(|_| round > 0) {
                     std::thread::sleep(pause);
                 }
             }
