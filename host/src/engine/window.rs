@@ -15,8 +15,8 @@ use crate::checkpoint::{BatchChanges, Panes, StateView, TimedPane, WindowResult,
 use crate::runtime::{BatchContext, KeyedValue, OutputRecord, PluginInstance, PluginRuntime, TaskError};
 use crate::shared_state::{Resolved, Shuffled};
 
-/// A key with its values.
-type KeyValues = (Vec<u8>, Vec<Vec<u8>>);
+/// A key and its pane at some time.
+type KeyedPane = (Vec<u8>, Vec<u8>);
 
 /// What the windowed step needs besides the batch's values.
 pub struct WindowStep<'a> {
@@ -41,6 +41,13 @@ struct KeyWindow {
     /// Those in the window and those that just left it.
     panes: Panes,
     previous: Option<WindowResult>,
+}
+
+/// One state partition's window state: each key's panes and its kept window result.
+#[derive(Default)]
+struct PartitionWindows {
+    panes: BTreeMap<Vec<u8>, Panes>,
+    kept: BTreeMap<Vec<u8>, WindowResult>,
 }
 
 /// One state partition's work at a slide.
@@ -72,99 +79,43 @@ impl WindowStep<'_> {
             let panes = reduce_each(instance, lists)?;
             Ok(groups.keys().cloned().zip(panes).collect::<Vec<_>>())
         })?;
-        let mut panes: Vec<(Vec<u8>, Vec<u8>)> = panes.into_iter().flatten().collect();
+        let mut panes: Vec<KeyedPane> = panes.into_iter().flatten().collect();
         if self.continuing {
-            self.fold_into_earlier_pieces(instances, &mut panes)?;
+            // An earlier piece of this batch committed panes at its time: fold into them.
+            fold_into_stored(self.state, &mut instances[0], self.batch_time, &mut panes)?;
         }
         changes.panes = panes.into_iter().map(|(key, pane)| (key, self.batch_time, pane)).collect();
 
         if self.batch_time.rem_euclid(self.slide_ms) != 0 || !self.final_piece {
             return Ok(Vec::new());
         }
-        let start = self.batch_time - self.length_ms;
-        let mut stored = self.state.panes()?;
-        for (key, _, pane) in &changes.panes {
-            let panes = stored.entry(key.clone()).or_default();
-            // An earlier piece's pane of this batch is replaced by the folded one.
-            panes.retain(|(time, _)| *time != self.batch_time);
-            panes.push((self.batch_time, pane.clone()));
+        let mut windows = load_windows(self.state, self.partitions, self.invertible, |_| true)?;
+        for (key, time, pane) in &changes.panes {
+            windows.entry(state_partition(key, self.partitions)).or_default().put(key, *time, pane);
         }
-        let mut previous = if self.invertible { self.state.window_results()? } else { BTreeMap::new() };
-        let mut tasks: Vec<SlideTask> = (0..self.partitions)
-            .map(|partition| SlideTask {
-                context: BatchContext {
-                    topic: String::new(),
-                    partition: partition as i32,
-                    from_offset: start,
-                    until_offset: self.batch_time,
-                    batch_time: self.batch_time,
-                },
-                keys: Vec::new(),
-            })
+        let end = self.batch_time;
+        let tasks: Vec<SlideTask> = windows
+            .iter()
+            .map(|(&partition, windows)| windows.task(partition, end, self.length_ms, self.slide_ms))
+            .filter(|task| !task.keys.is_empty())
             .collect();
-        for (key, mut panes) in stored {
-            // Panes at or before the window's start are in no later window either.
-            changes
-                .expired_panes
-                .extend(panes.iter().filter(|(time, _)| *time <= start).map(|(time, _)| (key.clone(), *time)));
-            let previous = previous.remove(&key);
-            if previous.is_none() && panes.iter().all(|(time, _)| *time <= start) {
-                continue;
-            }
-            // Panes already past the window stay in the task: an inverse reduce removes them.
-            panes.retain(|(time, _)| *time > start - self.slide_ms);
-            let partition = state_partition(&key, self.partitions) as usize;
-            tasks[partition].keys.push(KeyWindow { key, panes, previous });
-        }
-        // Kept results of keys that have no panes left at all.
-        for (key, _) in previous {
-            changes.dropped_windows.push(key);
-        }
-        tasks.retain(|task| !task.keys.is_empty());
-
         let results = run_parallel(self.runtime, instances, &tasks, |instance, task| {
             let _work = crate::panics::working_on(|| {
                 format!("sliding the window of state partition {}", task.context.partition)
             });
-            slide(instance, task, self.length_ms, self.slide_ms, self.batch_time)
+            slide(instance, task, self.length_ms, self.slide_ms, end)
         })?;
+        let mut kept = BTreeMap::new();
         let mut outputs = Vec::new();
-        for result in results {
-            outputs.extend(result.outputs);
-            if self.invertible {
-                let results = result.results.into_iter().map(|KeyedValue { key, value }| (key, self.batch_time, value));
-                changes.window_results.extend(results);
-            }
-            changes.dropped_windows.extend(result.dropped);
+        for (task, result) in tasks.iter().zip(results) {
+            let windows = windows.get_mut(&(task.context.partition as u32)).expect("a task per partition");
+            outputs.extend(windows.apply(result, end, self.invertible, &mut kept));
         }
+        for windows in windows.values_mut() {
+            windows.expire(end - self.length_ms, &mut changes.expired_panes);
+        }
+        record_kept(kept, changes);
         Ok(outputs)
-    }
-
-    /// Folds this piece's panes into the panes earlier pieces of the same batch committed.
-    fn fold_into_earlier_pieces(
-        &self,
-        instances: &mut [PluginInstance],
-        panes: &mut [(Vec<u8>, Vec<u8>)],
-    ) -> Result<()> {
-        let keys: Vec<&[u8]> = panes.iter().map(|(key, _)| key.as_slice()).collect();
-        let earlier = self.state.panes_at(&keys, self.batch_time)?;
-        let mut folded = Vec::new();
-        let lists: Vec<Vec<Vec<u8>>> = panes
-            .iter()
-            .zip(earlier)
-            .enumerate()
-            .filter_map(|(index, ((_, pane), earlier))| {
-                earlier.map(|earlier| {
-                    folded.push(index);
-                    vec![earlier, pane.clone()]
-                })
-            })
-            .collect();
-        let reduced = reduce_each(&mut instances[0], lists)?;
-        for (index, pane) in folded.into_iter().zip(reduced) {
-            panes[index].1 = pane;
-        }
-        Ok(())
     }
 }
 
@@ -179,14 +130,6 @@ pub struct SharedWindowStep<'a> {
     pub invertible: bool,
 }
 
-/// A state partition's slides to emit this batch: after `from` (0: none emitted yet) and
-/// before its watermark.
-struct Due {
-    partition: u32,
-    from: i64,
-    watermark: i64,
-}
-
 impl SharedWindowStep<'_> {
     /// Folds each owned partition's resolved values into the panes of the batches that read
     /// them, then emits every slide its watermark has passed, oldest first. Adds the panes,
@@ -199,151 +142,114 @@ impl SharedWindowStep<'_> {
         changes: &mut BatchChanges,
     ) -> Result<Vec<OutputRecord>> {
         let values: Vec<Shuffled> = resolved.values_mut().flat_map(|r| std::mem::take(&mut r.values)).collect();
-        for (partition, resolved) in resolved.iter() {
-            let late = values.iter().filter(|v| state_partition(&v.key, self.partitions) == *partition);
-            if let Some(value) = late.clone().find(|v| v.batch_time <= resolved.meta.windows_to) {
-                tracing::warn!(
-                    "state partition {partition}: values of batch {} ms arrived after its window slide {} ms was \
-                     emitted; they count in later windows only",
-                    value.batch_time,
-                    resolved.meta.windows_to
-                );
-            }
-        }
-        changes.panes = self.fold(instance, values)?;
-
-        let due: Vec<Due> = resolved
-            .iter()
-            .filter_map(|(&partition, r)| {
-                r.watermark.map(|watermark| Due { partition, from: r.meta.windows_to, watermark })
-            })
-            .collect();
-        if due.is_empty() {
+        changes.panes = self.fold(instance, resolved, values)?;
+        if resolved.values().all(|r| r.watermark.is_none()) {
             return Ok(Vec::new());
         }
-        let owned = |key: &[u8]| resolved.contains_key(&state_partition(key, self.partitions));
-        let mut panes = self.state.panes()?;
-        panes.retain(|key, _| owned(key));
+        let mut windows = load_windows(self.state, self.partitions, self.invertible, |p| resolved.contains_key(&p))?;
         for (key, time, pane) in &changes.panes {
-            let key_panes = panes.entry(key.clone()).or_default();
-            key_panes.retain(|(pane_time, _)| pane_time != time);
-            key_panes.push((*time, pane.clone()));
-            key_panes.sort_by_key(|(time, _)| *time);
+            windows.entry(state_partition(key, self.partitions)).or_default().put(key, *time, pane);
         }
-        let mut previous = if self.invertible { self.state.window_results()? } else { BTreeMap::new() };
-        previous.retain(|key, _| owned(key));
-
+        let mut kept = BTreeMap::new();
         let mut outputs = Vec::new();
-        let mut kept: BTreeMap<Vec<u8>, Option<WindowResult>> = BTreeMap::new();
-        for Due { partition, from, watermark } in due {
-            let mut end = match from {
-                0 => {
-                    // The first slide whose window holds the partition's oldest pane.
-                    let oldest = panes
-                        .iter()
-                        .filter(|(key, _)| state_partition(key, self.partitions) == partition)
-                        .filter_map(|(_, key_panes)| key_panes.first().map(|(time, _)| *time))
-                        .min();
-                    match oldest {
-                        Some(oldest) => (oldest + self.slide_ms - 1).div_euclid(self.slide_ms) * self.slide_ms,
-                        None => watermark,
-                    }
-                }
-                from => from + self.slide_ms,
+        for (&partition, resolved) in resolved.iter_mut() {
+            let Some(watermark) = resolved.watermark else { continue };
+            let windows = windows.entry(partition).or_default();
+            let mut end = match resolved.meta.windows_to {
+                // None emitted yet: the first slide whose window holds the oldest pane.
+                0 => match windows.panes.values().filter_map(|panes| panes.first()).map(|(time, _)| *time).min() {
+                    Some(oldest) => (oldest + self.slide_ms - 1).div_euclid(self.slide_ms) * self.slide_ms,
+                    None => continue,
+                },
+                emitted => emitted + self.slide_ms,
             };
-            let mut emitted = from;
             while end < watermark {
-                let task = self.slide_task(partition, end, &panes, &previous);
+                let task = windows.task(partition, end, self.length_ms, self.slide_ms);
                 if !task.keys.is_empty() {
                     let result = slide(instance, &task, self.length_ms, self.slide_ms, end)?;
-                    outputs.extend(result.outputs);
-                    for key in result.dropped {
-                        previous.remove(&key);
-                        kept.insert(key, None);
-                    }
-                    if self.invertible {
-                        for KeyedValue { key, value } in result.results {
-                            previous.insert(key.clone(), (end, value.clone()));
-                            kept.insert(key, Some((end, value)));
-                        }
-                    }
+                    outputs.extend(windows.apply(result, end, self.invertible, &mut kept));
                 }
-                // Panes at or before the window's start are in no later window either.
-                let start = end - self.length_ms;
-                for (key, key_panes) in panes.iter_mut() {
-                    if state_partition(key, self.partitions) == partition {
-                        for (time, _) in key_panes.iter().filter(|(time, _)| *time <= start) {
-                            changes.expired_panes.push((key.clone(), *time));
-                        }
-                        key_panes.retain(|(time, _)| *time > start);
-                    }
-                }
-                emitted = end;
+                windows.expire(end - self.length_ms, &mut changes.expired_panes);
+                resolved.meta.windows_to = end;
                 end += self.slide_ms;
             }
-            if let Some(r) = resolved.get_mut(&partition) {
-                r.meta.windows_to = emitted;
-            }
         }
-        for (key, result) in kept {
-            match result {
-                Some((end, value)) => changes.window_results.push((key, end, value)),
-                None => changes.dropped_windows.push(key),
-            }
-        }
+        record_kept(kept, changes);
         Ok(outputs)
     }
 
-    /// The new values as panes: reduced per key and batch time, and into the pane the key
-    /// already has at that time.
-    fn fold(&self, instance: &mut PluginInstance, values: Vec<Shuffled>) -> Result<Vec<TimedPane>> {
+    /// The new values as panes: reduced per key and batch time in one plugin call, then into
+    /// the pane the key already has at that time. A value for a slide its partition emitted
+    /// already counts in later windows only, and is said so.
+    fn fold(
+        &self,
+        instance: &mut PluginInstance,
+        resolved: &BTreeMap<u32, Resolved>,
+        values: Vec<Shuffled>,
+    ) -> Result<Vec<TimedPane>> {
         let mut groups: BTreeMap<(i64, Vec<u8>), Vec<Vec<u8>>> = BTreeMap::new();
         for Shuffled { key, value, batch_time } in values {
             groups.entry((batch_time, key)).or_default().push(value);
         }
-        let mut by_time: BTreeMap<i64, Vec<KeyValues>> = BTreeMap::new();
-        for ((time, key), values) in groups {
-            by_time.entry(time).or_default().push((key, values));
+        let mut late = BTreeMap::new();
+        for (time, key) in groups.keys() {
+            let partition = state_partition(key, self.partitions);
+            let emitted = resolved.get(&partition).map_or(0, |r| r.meta.windows_to);
+            if *time <= emitted {
+                late.insert(partition, (*time, emitted));
+            }
+        }
+        for (partition, (time, emitted)) in late {
+            tracing::warn!(
+                "state partition {partition}: values of batch {time} ms arrived after its window slide {emitted} ms \
+                 was emitted; they count in later windows only"
+            );
+        }
+        let (mut keys, mut lists) = (Vec::with_capacity(groups.len()), Vec::with_capacity(groups.len()));
+        for (key, values) in groups {
+            keys.push(key);
+            lists.push(values);
+        }
+        let reduced = reduce_each(instance, lists)?;
+        let mut by_time: BTreeMap<i64, Vec<KeyedPane>> = BTreeMap::new();
+        for ((time, key), pane) in keys.into_iter().zip(reduced) {
+            by_time.entry(time).or_default().push((key, pane));
         }
         let mut panes = Vec::new();
-        for (time, groups) in by_time {
-            let keys: Vec<&[u8]> = groups.iter().map(|(key, _)| key.as_slice()).collect();
-            let earlier = self.state.panes_at(&keys, time)?;
-            let lists: Vec<Vec<Vec<u8>>> = groups
-                .iter()
-                .zip(earlier)
-                .map(|((_, values), earlier)| earlier.into_iter().chain(values.iter().cloned()).collect())
-                .collect();
-            let reduced = reduce_each(instance, lists)?;
-            panes.extend(groups.into_iter().zip(reduced).map(|((key, _), pane)| (key, time, pane)));
+        for (time, mut at_time) in by_time {
+            fold_into_stored(self.state, instance, time, &mut at_time)?;
+            panes.extend(at_time.into_iter().map(|(key, pane)| (key, time, pane)));
         }
         Ok(panes)
     }
+}
 
-    /// State partition `partition`'s keys with panes in the window ending at `end` (or one
-    /// just left), or a kept result.
-    fn slide_task(
-        &self,
-        partition: u32,
-        end: i64,
-        panes: &BTreeMap<Vec<u8>, Panes>,
-        previous: &BTreeMap<Vec<u8>, WindowResult>,
-    ) -> SlideTask {
-        let start = end - self.length_ms;
+impl PartitionWindows {
+    /// Sets `key`'s pane at `time`, replacing one there.
+    fn put(&mut self, key: &[u8], time: i64, pane: &[u8]) {
+        let panes = self.panes.entry(key.to_vec()).or_default();
+        panes.retain(|(pane_time, _)| *pane_time != time);
+        panes.push((time, pane.to_vec()));
+        panes.sort_by_key(|(time, _)| *time);
+    }
+
+    /// The slide ending at `end`: every key with a pane in the window or one that just left
+    /// it (an inverse reduce takes it out), and every key with a kept result.
+    fn task(&self, partition: u32, end: i64, length_ms: i64, slide_ms: i64) -> SlideTask {
+        let start = end - length_ms;
         let mut keys = Vec::new();
-        let in_partition = |key: &[u8]| state_partition(key, self.partitions) == partition;
-        for (key, key_panes) in panes.iter().filter(|(key, _)| in_partition(key)) {
-            let kept = previous.get(key).cloned();
-            if kept.is_none() && key_panes.iter().all(|(time, _)| *time <= start || *time > end) {
+        for (key, panes) in &self.panes {
+            let previous = self.kept.get(key).cloned();
+            if previous.is_none() && panes.iter().all(|(time, _)| *time <= start || *time > end) {
                 continue;
             }
-            // Panes just past the window stay: an inverse reduce removes them.
-            let window: Panes =
-                key_panes.iter().filter(|(time, _)| *time > start - self.slide_ms && *time <= end).cloned().collect();
-            keys.push(KeyWindow { key: key.clone(), panes: window, previous: kept });
+            let panes: Panes =
+                panes.iter().filter(|(time, _)| *time > start - slide_ms && *time <= end).cloned().collect();
+            keys.push(KeyWindow { key: key.clone(), panes, previous });
         }
-        for (key, kept) in previous.iter().filter(|(key, _)| in_partition(key) && !panes.contains_key(*key)) {
-            keys.push(KeyWindow { key: key.clone(), panes: Vec::new(), previous: Some(kept.clone()) });
+        // Kept results of keys without panes: the slide drops them.
+        for (key, previous) in self.kept.iter().filter(|(key, _)| !self.panes.contains_key(*key)) {
+            keys.push(KeyWindow { key: key.clone(), panes: Vec::new(), previous: Some(previous.clone()) });
         }
         let context = BatchContext {
             topic: String::new(),
@@ -354,6 +260,99 @@ impl SharedWindowStep<'_> {
         };
         SlideTask { context, keys }
     }
+
+    /// Takes in a slide's results: kept for an inverse reduce at the next slide (`invertible`)
+    /// or dropped, as `changes` records them; returns its outputs.
+    fn apply(
+        &mut self,
+        result: SlideResult,
+        end: i64,
+        invertible: bool,
+        changes: &mut BTreeMap<Vec<u8>, Option<WindowResult>>,
+    ) -> Vec<OutputRecord> {
+        for key in result.dropped {
+            self.kept.remove(&key);
+            changes.insert(key, None);
+        }
+        for KeyedValue { key, value } in result.results.into_iter().filter(|_| invertible) {
+            self.kept.insert(key.clone(), (end, value.clone()));
+            changes.insert(key, Some((end, value)));
+        }
+        result.outputs
+    }
+
+    /// Drops the panes at or before `start` (a window's start): they are in no later window.
+    fn expire(&mut self, start: i64, expired: &mut Vec<(Vec<u8>, i64)>) {
+        for (key, panes) in &mut self.panes {
+            expired.extend(panes.iter().filter(|(time, _)| *time <= start).map(|(time, _)| (key.clone(), *time)));
+            panes.retain(|(time, _)| *time > start);
+        }
+        self.panes.retain(|_, panes| !panes.is_empty());
+    }
+}
+
+/// The panes, and with an inverse reduce the kept results, of the state partitions `owned`
+/// says, by partition (each key's partition computed once).
+fn load_windows(
+    state: &StateView<'_>,
+    partitions: u32,
+    invertible: bool,
+    owned: impl Fn(u32) -> bool,
+) -> Result<BTreeMap<u32, PartitionWindows>> {
+    let mut windows: BTreeMap<u32, PartitionWindows> = BTreeMap::new();
+    for (key, panes) in state.panes()? {
+        let partition = state_partition(&key, partitions);
+        if owned(partition) {
+            windows.entry(partition).or_default().panes.insert(key, panes);
+        }
+    }
+    if invertible {
+        for (key, kept) in state.window_results()? {
+            let partition = state_partition(&key, partitions);
+            if owned(partition) {
+                windows.entry(partition).or_default().kept.insert(key, kept);
+            }
+        }
+    }
+    Ok(windows)
+}
+
+/// Writes the kept results a batch's slides set or dropped into `changes`.
+fn record_kept(kept: BTreeMap<Vec<u8>, Option<WindowResult>>, changes: &mut BatchChanges) {
+    for (key, result) in kept {
+        match result {
+            Some((end, value)) => changes.window_results.push((key, end, value)),
+            None => changes.dropped_windows.push(key),
+        }
+    }
+}
+
+/// Folds `panes` (key, pane at `time`) into the panes the keys already have at `time`.
+fn fold_into_stored(
+    state: &StateView<'_>,
+    instance: &mut PluginInstance,
+    time: i64,
+    panes: &mut [KeyedPane],
+) -> Result<()> {
+    let keys: Vec<&[u8]> = panes.iter().map(|(key, _)| key.as_slice()).collect();
+    let stored = state.panes_at(&keys, time)?;
+    let mut folded = Vec::new();
+    let lists: Vec<Vec<Vec<u8>>> = panes
+        .iter()
+        .zip(stored)
+        .enumerate()
+        .filter_map(|(index, ((_, pane), stored))| {
+            stored.map(|stored| {
+                folded.push(index);
+                vec![stored, pane.clone()]
+            })
+        })
+        .collect();
+    let reduced = reduce_each(instance, lists)?;
+    for (index, pane) in folded.into_iter().zip(reduced) {
+        panes[index].1 = pane;
+    }
+    Ok(())
 }
 
 /// One state partition's window results at the slide ending at `window_end`: by inverse reduce from
