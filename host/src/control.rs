@@ -72,11 +72,39 @@ pub enum UpgradeOutcome {
 }
 
 impl UpgradeOutcome {
+    /// Its name, as the admin endpoint's `outcome` field gives it (metrics and the page too).
+    pub fn name(&self) -> &'static str {
+        match self {
+            UpgradeOutcome::Upgraded { .. } => "upgraded",
+            UpgradeOutcome::RolledBack { .. } => "rolled-back",
+            UpgradeOutcome::Refused { .. } => "refused",
+            UpgradeOutcome::Stopped { .. } => "stopped",
+        }
+    }
+
     /// The answer to every upgrade still waiting when the job stops.
     pub fn job_stopping() -> UpgradeOutcome {
         UpgradeOutcome::Stopped {
             reason: "the job is stopping; nothing of the new version was committed (ask again after the restart)"
                 .into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_is_named_as_the_admin_endpoint_tags_it() {
+        let reason = String::from("r");
+        for outcome in [
+            UpgradeOutcome::Upgraded { from: "a".into(), to: "b".into(), first_batch: 1 },
+            UpgradeOutcome::RolledBack { from: "a".into(), to: "b".into(), batch: 1, reason: reason.clone() },
+            UpgradeOutcome::Refused { reason: reason.clone() },
+            UpgradeOutcome::Stopped { reason },
+        ] {
+            assert_eq!(serde_json::to_value(&outcome).unwrap()["outcome"], outcome.name());
         }
     }
 }

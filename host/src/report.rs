@@ -63,6 +63,18 @@ pub enum Ending {
     RolledBack,
 }
 
+impl Ending {
+    /// Its name in metrics labels and on the Streaming page.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Committed => "committed",
+            Ending::Held => "held",
+            Ending::Fenced => "fenced",
+            Ending::RolledBack => "rolled-back",
+        }
+    }
+}
+
 /// The steps of one batch and how long each took; together they make up its processing time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BatchPhases {

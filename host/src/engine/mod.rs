@@ -18,9 +18,9 @@ mod window;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
@@ -106,7 +106,6 @@ struct Upgrades {
     candidates: Receiver<upgrade::Candidate>,
     /// The version being replaced while the new one runs its first batches.
     probation: Option<upgrade::Probation>,
-    status: Arc<Mutex<Status>>,
     admin: Option<AdminServer>,
     /// The validator thread; it holds the checkpoint, so the engine waits for it on drop.
     validator: Option<std::thread::JoinHandle<()>>,
@@ -320,7 +319,7 @@ impl Engine {
             job.parallelism,
             humantime::format_duration(job.batch_interval)
         );
-        let status = Arc::new(Mutex::new(Status {
+        let status = Status {
             plugin: plugin.identity().clone(),
             kind: plugin.kind(),
             member: job.instance_id.clone(),
@@ -329,14 +328,14 @@ impl Engine {
             lag: None,
             probation: None,
             input_rate: None,
-        }));
+        };
         let facts = JobFacts {
             group: job.group.clone(),
             member: job.instance_id.clone(),
             batch_interval_ms: job.batch_interval.as_millis(),
             started_at_ms: now_ms(),
         };
-        let observer = Arc::new(Observer::new(facts, status.clone(), job.page_batches));
+        let observer = Arc::new(Observer::new(facts, status, job.page_batches));
         if let Some(checkpoint) = &checkpoint {
             observer.lineage(&checkpoint.store.plugin_runs()?);
         }
@@ -345,7 +344,7 @@ impl Engine {
             None => None,
         };
         let upgrades = match &checkpoint {
-            Some(store) => Some(start_upgrades(&job, store, status, &observer)?),
+            Some(store) => Some(start_upgrades(&job, store, &observer)?),
             None => None,
         };
         let positions = Positions {
@@ -438,7 +437,6 @@ impl Engine {
         mut observe: impl FnMut(&BatchReport) -> Result<()>,
     ) -> Result<RunSummary> {
         let interval = i64::try_from(self.job.batch_interval.as_millis()).context("batch interval too long")?;
-        let mut summary = RunSummary::default();
         let mut batch_time = self.first_batch_time(interval);
         loop {
             // A batch left by the last run (or the rest of one) comes first, with its own time.
@@ -458,7 +456,7 @@ impl Engine {
             if shutdown.is_requested() {
                 break;
             }
-            let first = summary.batches == 0;
+            let first = self.observer.totals().batches == 0;
             // The batch itself is blocking work (Kafka client calls, Wasm): keep it off the
             // async worker threads' queues without moving the engine between threads.
             let report = tokio::task::block_in_place(|| {
@@ -477,10 +475,9 @@ impl Engine {
                 observe(&report)?;
                 anyhow::Ok(report)
             })?;
-            summary.count(&report);
-
-            if self.job.max_batches.is_some_and(|max| summary.batches >= max) {
-                tracing::info!("stopping after {} batches (--max-batches)", summary.batches);
+            let batches = self.observer.totals().batches;
+            if self.job.max_batches.is_some_and(|max| batches >= max) {
+                tracing::info!("stopping after {batches} batches (--max-batches)");
                 break;
             }
             if self.job.stop_when_caught_up && report.caught_up && self.replays.is_empty() {
@@ -496,6 +493,7 @@ impl Engine {
         if let Some(progress) = self.catching_up.take() {
             progress.finish();
         }
+        let summary = self.observer.totals();
         tracing::info!(
             "stopped after {} batches: {} records in, {} out, {} rejected, {} dead letters, {} skipped",
             summary.batches,
@@ -528,6 +526,13 @@ impl Engine {
                 }
                 Err(error) => tracing::warn!("cannot count the state for the metrics: {error:#}"),
             }
+        }
+        // A build's first committed batch (a new checkpoint's, an upgrade's) starts a new
+        // entry of the lineage: read it again then, not every batch.
+        if report.ending == Ending::Committed
+            && !self.observer.lineage_ends_with(&report.build)
+            && let Some(checkpoint) = &self.checkpoint
+        {
             match checkpoint.store.plugin_runs() {
                 Ok(runs) => self.observer.lineage(&runs),
                 Err(error) => tracing::warn!("cannot read the plugin lineage for the page: {error:#}"),
@@ -612,14 +617,12 @@ impl Engine {
         self.reconcile_interrupted(&started);
         // A partition that moved to another member is replayed there, from the group's offset.
         let owned: Vec<TopicPartition> = self.source.partitions().cloned().collect();
-        if let Some(upgrades) = &self.upgrades {
-            // With shared state, the state partitions held show as their shuffle partitions.
-            let state = self.shared.as_ref().map(|shared| {
-                shared.owned().iter().map(|p| TopicPartition::new(shared.shuffle_topic(), *p as i32)).collect()
-            });
-            let held = owned.iter().chain(state.as_ref().map_or(&[][..], Vec::as_slice));
-            upgrades.status.lock().expect("not poisoned").partitions = held.map(ToString::to_string).collect();
-        }
+        // With shared state, the state partitions held show as their shuffle partitions.
+        let state = self.shared.as_ref().map(|shared| {
+            shared.owned().iter().map(|p| TopicPartition::new(shared.shuffle_topic(), *p as i32)).collect()
+        });
+        let held = owned.iter().chain(state.as_ref().map_or(&[][..], Vec::as_slice));
+        self.observer.status().partitions = held.map(ToString::to_string).collect();
         for replay in &mut self.replays {
             replay.ranges.retain(|range| owned.contains(&range.partition));
         }
@@ -909,9 +912,6 @@ impl Engine {
         let delivered_at = started.elapsed();
 
         let ending = if fenced { Ending::Fenced } else { self.commit(&work, plan, changes, records_in > 0)? };
-        if let Some(upgrades) = &self.upgrades {
-            upgrades.status.lock().expect("not poisoned").last_batch = Some(batch_time);
-        }
         let phases = BatchPhases {
             plan: planned_at,
             fetch: fetched_at - planned_at,
@@ -1184,13 +1184,7 @@ impl Engine {
             })
             .with_context(|| format!("batch {batch_time} ms"))?;
         let caught_up = planned.iter().all(|p| p.range.until >= p.high_watermark);
-        let lag = planned.iter().map(|p| (p.high_watermark - p.range.until).max(0)).sum();
-        for p in &planned {
-            self.observer.lag(&p.range.partition, (p.high_watermark - p.range.until).max(0));
-        }
-        if let Some(upgrades) = &self.upgrades {
-            upgrades.status.lock().expect("not poisoned").lag = Some(lag);
-        }
+        self.observer.planned(planned.iter().map(|p| (&p.range.partition, (p.high_watermark - p.range.until).max(0))));
         Ok(Work {
             batch_time,
             ranges: planned.into_iter().map(|p| p.range).collect(),
@@ -1511,12 +1505,7 @@ impl Engine {
 }
 
 /// Starts the admin endpoint and the upgrade validator of a job with a checkpoint.
-fn start_upgrades(
-    job: &JobConfig,
-    checkpoint: &JobCheckpoint,
-    status: Arc<Mutex<Status>>,
-    observer: &Arc<Observer>,
-) -> Result<Upgrades> {
+fn start_upgrades(job: &JobConfig, checkpoint: &JobCheckpoint, observer: &Arc<Observer>) -> Result<Upgrades> {
     let (requests, incoming) = mpsc::channel();
     let (candidates, ready) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -1526,7 +1515,6 @@ fn start_upgrades(
         builds: checkpoint.builds.clone(),
         requests: incoming,
         candidates,
-        status: status.clone(),
         observer: observer.clone(),
         stop: stop.clone(),
     };
@@ -1535,8 +1523,8 @@ fn start_upgrades(
         .spawn(move || validator.run())
         .context("cannot start the upgrade validator")?;
     let dir = checkpoint.store.path().parent().context("checkpoint file without a directory")?;
-    let admin = AdminServer::start(job.admin_address, dir, status.clone(), requests)?;
-    Ok(Upgrades { candidates: ready, probation: None, status, admin: Some(admin), validator: Some(validator), stop })
+    let admin = AdminServer::start(job.admin_address, dir, observer.status_handle(), requests)?;
+    Ok(Upgrades { candidates: ready, probation: None, admin: Some(admin), validator: Some(validator), stop })
 }
 
 /// Refuses option combinations the plugin's kind cannot honour, before anything is opened.

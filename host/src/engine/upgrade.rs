@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -18,7 +18,7 @@ use super::Engine;
 use super::assignment::Replay;
 use crate::checkpoint::{Builds, Checkpoint, HeldChanges, PendingBatch, PluginRun};
 use crate::config::JobConfig;
-use crate::control::{Status, UpgradeOutcome, UpgradeRequest};
+use crate::control::{UpgradeOutcome, UpgradeRequest};
 use crate::observe::Observer;
 use crate::offsets::OffsetRange;
 use crate::runtime::{PluginIdentity, PluginInstance, PluginKind, PluginRuntime};
@@ -77,7 +77,6 @@ pub struct Validator {
     pub requests: Receiver<UpgradeRequest>,
     pub candidates: Sender<Candidate>,
     /// What the engine runs now, and the new version pending or on probation.
-    pub status: Arc<Mutex<Status>>,
     /// Where refused upgrades are reported.
     pub observer: Arc<Observer>,
     /// Set when the job stops: requests still arriving are answered "job stopping".
@@ -102,7 +101,7 @@ impl Validator {
             match validated {
                 Ok((runtime, instance)) => {
                     tracing::info!("upgrade to {} validated; switching at the next batch", runtime.identity());
-                    self.status.lock().expect("not poisoned").probation = Some(runtime.identity().clone());
+                    self.observer.status().probation = Some(runtime.identity().clone());
                     let candidate = Candidate { runtime, instance, reply: request.reply };
                     if let Err(refused) = self.candidates.send(candidate) {
                         let _ = refused.0.reply.send(UpgradeOutcome::job_stopping());
@@ -129,7 +128,7 @@ impl Validator {
     /// with it (a dry run: nothing is written). A new version already waiting or on probation
     /// is the one a request would replace, so none is accepted until its outcome is known.
     fn validate(&self, request: &UpgradeRequest) -> Result<(PluginRuntime, PluginInstance)> {
-        if let Some(upgrading) = &self.status.lock().expect("not poisoned").probation {
+        if let Some(upgrading) = &self.observer.status().probation {
             bail!("the upgrade to {upgrading} is not finished yet (waiting or on probation); ask again when it is");
         }
         let bytes = std::fs::read(&request.plugin)
@@ -138,7 +137,7 @@ impl Validator {
             PluginRuntime::from_bytes(&bytes, self.job.plugin_config.clone(), self.job.sandbox.clone())
                 .with_context(|| format!("plugin {}", request.plugin.display()))?;
         let (current, kind) = {
-            let status = self.status.lock().expect("not poisoned");
+            let status = self.observer.status();
             (status.plugin.clone(), status.kind)
         };
         let new = runtime.identity();
@@ -229,7 +228,7 @@ impl Engine {
             held: Vec::new(),
             reply: candidate.reply,
         });
-        self.set_status_plugin();
+        self.observer.running(self.plugin.identity(), self.plugin.kind());
         if let Err(error) = self.ensure_workers() {
             self.roll_back(batch_time, &format!("{error:#}"), None);
         }
@@ -244,9 +243,7 @@ impl Engine {
             "upgrade from {from} to {to} done: its first {PROBATION_BATCHES} batches with records succeeded and are \
              committed"
         );
-        if let Some(upgrades) = &self.upgrades {
-            upgrades.status.lock().expect("not poisoned").probation = None;
-        }
+        self.observer.status().probation = None;
         let outcome = UpgradeOutcome::Upgraded { from, to, first_batch };
         self.observer.upgrade(&outcome);
         let _ = probation.reply.send(outcome);
@@ -287,19 +284,9 @@ impl Engine {
         {
             checkpoint.invertible = self.instances[0].inverse_reduce(&[]).is_ok_and(|inverse| inverse.is_some());
         }
-        self.set_status_plugin();
-        if let Some(upgrades) = &self.upgrades {
-            upgrades.status.lock().expect("not poisoned").probation = None;
-        }
+        self.observer.running(self.plugin.identity(), self.plugin.kind());
+        self.observer.status().probation = None;
         self.observer.upgrade(&outcome);
         let _ = probation.reply.send(outcome);
-    }
-
-    fn set_status_plugin(&self) {
-        if let Some(upgrades) = &self.upgrades {
-            let mut status = upgrades.status.lock().expect("not poisoned");
-            status.plugin = self.plugin.identity().clone();
-            status.kind = self.plugin.kind();
-        }
     }
 }

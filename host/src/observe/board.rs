@@ -59,9 +59,6 @@ struct RangeRow {
 struct LineageRow {
     build: String,
     first_batch_ms: i64,
-    last_batch_ms: i64,
-    batches: u64,
-    member: String,
     state_schema_version: u32,
 }
 
@@ -126,12 +123,7 @@ impl Board {
                 deliver_ms: p.deliver.as_millis(),
                 commit_ms: p.commit.as_millis(),
             },
-            ending: match report.ending {
-                Ending::Committed => "committed",
-                Ending::Held => "held",
-                Ending::Fenced => "fenced",
-                Ending::RolledBack => "rolled-back",
-            },
+            ending: report.ending.name(),
             replayed: report.replayed,
             build: report.build.clone(),
             ranges: report
@@ -154,12 +146,17 @@ impl Board {
     /// Records per second read by the last ten batches that read (as Spark's input rate:
     /// records over batch intervals).
     pub fn input_rate(&self, batch_interval_ms: u128) -> Option<f64> {
-        let recent: Vec<&BatchRow> = self.batches.iter().rev().filter(|b| b.ending == "committed").take(10).collect();
+        let recent: Vec<&BatchRow> =
+            self.batches.iter().rev().filter(|b| b.ending == Ending::Committed.name()).take(10).collect();
         if recent.is_empty() {
             return None;
         }
         let records: usize = recent.iter().map(|batch| batch.records_in).sum();
         Some(records as f64 * 1000.0 / (recent.len() as u128 * batch_interval_ms.max(1)) as f64)
+    }
+
+    pub fn totals(&self) -> RunSummary {
+        self.totals.clone()
     }
 
     pub fn lag_total(&self) -> u64 {
@@ -170,44 +167,32 @@ impl Board {
         self.lag.remove(partition);
     }
 
+    pub fn lineage_ends_with(&self, build: &str) -> bool {
+        self.lineage.last().is_some_and(|newest| newest.build == build)
+    }
+
     pub fn lineage(&mut self, runs: &[PluginRun]) {
         self.lineage = runs
             .iter()
             .map(|run| LineageRow {
-                build: format!("{} {} (sha256 {})", run.name, run.version, &run.digest[..run.digest.len().min(12)]),
+                build: run.identity().to_string(),
                 first_batch_ms: run.first_batch,
-                last_batch_ms: run.last_batch,
-                batches: run.batches,
-                member: run.member.clone(),
                 state_schema_version: run.state_schema_version,
             })
             .collect();
     }
 
     pub fn upgrade(&mut self, at_ms: i64, outcome: &UpgradeOutcome) {
-        let row = match outcome {
-            UpgradeOutcome::Upgraded { from, to, first_batch } => UpgradeRow {
-                at_ms,
-                outcome: "upgraded",
-                from: Some(from.clone()),
-                to: Some(to.clone()),
-                detail: format!("first batch {first_batch}"),
-            },
-            UpgradeOutcome::RolledBack { from, to, batch, reason } => UpgradeRow {
-                at_ms,
-                outcome: "rolled-back",
-                from: Some(from.clone()),
-                to: Some(to.clone()),
-                detail: format!("batch {batch}: {reason}"),
-            },
-            UpgradeOutcome::Refused { reason } => {
-                UpgradeRow { at_ms, outcome: "refused", from: None, to: None, detail: reason.clone() }
+        let (from, to, detail) = match outcome {
+            UpgradeOutcome::Upgraded { from, to, first_batch } => {
+                (Some(from.clone()), Some(to.clone()), format!("first batch {first_batch}"))
             }
-            UpgradeOutcome::Stopped { reason } => {
-                UpgradeRow { at_ms, outcome: "stopped", from: None, to: None, detail: reason.clone() }
+            UpgradeOutcome::RolledBack { from, to, batch, reason } => {
+                (Some(from.clone()), Some(to.clone()), format!("batch {batch}: {reason}"))
             }
+            UpgradeOutcome::Refused { reason } | UpgradeOutcome::Stopped { reason } => (None, None, reason.clone()),
         };
-        self.upgrades.push(row);
+        self.upgrades.push(UpgradeRow { at_ms, outcome: outcome.name(), from, to, detail });
     }
 
     /// The page's JSON (`/api/streaming`).

@@ -9,9 +9,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
-use crate::report::{BatchReport, Ending};
+use crate::report::BatchReport;
 use crate::runtime::{FailureKind, PluginIdentity, PluginKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,7 +27,7 @@ pub struct PartitionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndingLabel {
-    /// committed, held, fenced or rolled_back.
+    /// committed, held, fenced or rolled-back.
     pub ending: &'static str,
     pub replayed: bool,
 }
@@ -117,119 +117,132 @@ pub struct Metrics {
     rebalances: Counter,
 }
 
+/// Registers a metric under `name` (`sluice_` prefixed; the unit, and `_total` for counters,
+/// appended by the encoder) and returns it: a family shares its values with its clones.
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, unit: Option<Unit>, help: &str, metric: M) -> M {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 impl Metrics {
     pub fn new(plugin: &PluginIdentity, kind: PluginKind) -> Metrics {
-        let mut metrics = Metrics {
-            registry: Registry::with_prefix("sluice"),
-            batches: Family::default(),
-            input_records: Family::default(),
-            output_records: Family::default(),
-            rejected_records: Family::default(),
-            dead_letters: Counter::default(),
-            skipped_records: Counter::default(),
-            phase_seconds: Histograms::new_with_constructor(batch_seconds),
-            processing_seconds: batch_seconds(),
-            scheduling_delay_seconds: batch_seconds(),
-            total_delay_seconds: batch_seconds(),
-            lag: Family::default(),
-            plugin_task_seconds: call_seconds(),
-            instance_memory: Family::default(),
-            resident_memory: Gauge::default(),
-            state_keys: Family::default(),
-            state_bytes: Family::default(),
-            checkpoint_commit_seconds: call_seconds(),
-            upgrades: Family::default(),
-            build: Family::default(),
-            task_retries: Family::default(),
-            task_failures: Family::default(),
-            rebalances: Counter::default(),
+        let mut registry = Registry::with_prefix("sluice");
+        let r = &mut registry;
+        let (seconds, bytes) = (Some(Unit::Seconds), Some(Unit::Bytes));
+        let metrics = Metrics {
+            batches: add(r, "batches", None, "Batches run, by how they ended", Family::default()),
+            input_records: add(r, "input_records", None, "Records read from each input topic", Family::default()),
+            output_records: add(r, "output_records", None, "Records delivered to each output", Family::default()),
+            rejected_records: add(
+                r,
+                "rejected_records",
+                None,
+                "Input records rejected (by the plugin, or unreadable), by input topic",
+                Family::default(),
+            ),
+            dead_letters: add(r, "dead_letters", None, "Records sent to the dead-letter topic", Counter::default()),
+            skipped_records: add(
+                r,
+                "skipped_records",
+                None,
+                "Records skipped by the failure policy and outputs given up as undeliverable",
+                Counter::default(),
+            ),
+            phase_seconds: add(
+                r,
+                "batch_phase",
+                seconds.clone(),
+                "Time of each phase of a batch (plan, fetch, plugin, deliver, commit)",
+                Histograms::new_with_constructor(batch_seconds),
+            ),
+            processing_seconds: add(
+                r,
+                "batch_processing",
+                seconds.clone(),
+                "From a batch's start to its commit",
+                batch_seconds(),
+            ),
+            scheduling_delay_seconds: add(
+                r,
+                "batch_scheduling_delay",
+                seconds.clone(),
+                "How late a batch started after its batch time",
+                batch_seconds(),
+            ),
+            total_delay_seconds: add(
+                r,
+                "batch_total_delay",
+                seconds.clone(),
+                "Scheduling delay plus processing time",
+                batch_seconds(),
+            ),
+            lag: add(
+                r,
+                "partition_lag_records",
+                None,
+                "Records between a partition's last planned offset and its high watermark",
+                Family::default(),
+            ),
+            plugin_task_seconds: add(
+                r,
+                "plugin_task",
+                seconds.clone(),
+                "Time of one plugin call over one partition's records of a batch",
+                call_seconds(),
+            ),
+            instance_memory: add(
+                r,
+                "plugin_instance_memory",
+                bytes.clone(),
+                "Linear memory of each plugin instance",
+                Family::default(),
+            ),
+            resident_memory: add(
+                r,
+                "process_resident_memory",
+                bytes.clone(),
+                "Resident memory of the host process",
+                Gauge::default(),
+            ),
+            state_keys: add(
+                r,
+                "state_keys",
+                None,
+                "Keys of keyed state (windows: key panes) in each state partition",
+                Family::default(),
+            ),
+            state_bytes: add(
+                r,
+                "state",
+                bytes,
+                "Bytes of keyed state and window panes in each state partition",
+                Family::default(),
+            ),
+            checkpoint_commit_seconds: add(
+                r,
+                "checkpoint_commit",
+                seconds,
+                "Time of the checkpoint transaction that commits a batch",
+                call_seconds(),
+            ),
+            upgrades: add(r, "upgrades", None, "Hot upgrades, by outcome", Family::default()),
+            build: add(r, "plugin_build_info", None, "The plugin build the job runs (value 1)", Family::default()),
+            task_retries: add(
+                r,
+                "task_retries",
+                None,
+                "Retries of failed plugin tasks, by failure kind",
+                Family::default(),
+            ),
+            task_failures: add(r, "task_failures", None, "Failed plugin calls, by failure kind", Family::default()),
+            rebalances: add(r, "rebalances", None, "Consumer-group assignment changes applied", Counter::default()),
+            registry,
         };
-        metrics.register();
-        metrics.build.get_or_create(&BuildLabels::of(plugin, kind)).set(1);
+        metrics.running(plugin, kind);
         metrics
-    }
-
-    fn register(&mut self) {
-        let r = &mut self.registry;
-        r.register("batches", "Batches run, by how they ended", self.batches.clone());
-        r.register("input_records", "Records read from each input topic", self.input_records.clone());
-        r.register("output_records", "Records delivered to each output topic", self.output_records.clone());
-        r.register(
-            "rejected_records",
-            "Input records rejected (by the plugin, or unreadable), by input topic",
-            self.rejected_records.clone(),
-        );
-        r.register("dead_letters", "Records sent to the dead-letter topic", self.dead_letters.clone());
-        r.register(
-            "skipped_records",
-            "Records skipped by the failure policy and outputs given up as undeliverable",
-            self.skipped_records.clone(),
-        );
-        r.register_with_unit(
-            "batch_phase",
-            "Time of each phase of a batch (plan, fetch, plugin, deliver, commit)",
-            Unit::Seconds,
-            self.phase_seconds.clone(),
-        );
-        r.register_with_unit(
-            "batch_processing",
-            "From a batch's start to its commit",
-            Unit::Seconds,
-            self.processing_seconds.clone(),
-        );
-        r.register_with_unit(
-            "batch_scheduling_delay",
-            "How late a batch started after its batch time",
-            Unit::Seconds,
-            self.scheduling_delay_seconds.clone(),
-        );
-        r.register_with_unit(
-            "batch_total_delay",
-            "Scheduling delay plus processing time",
-            Unit::Seconds,
-            self.total_delay_seconds.clone(),
-        );
-        r.register(
-            "partition_lag_records",
-            "Records between a partition's last planned offset and its high watermark",
-            self.lag.clone(),
-        );
-        r.register_with_unit(
-            "plugin_task",
-            "Time of one plugin call over one partition's records of a batch",
-            Unit::Seconds,
-            self.plugin_task_seconds.clone(),
-        );
-        r.register_with_unit(
-            "plugin_instance_memory",
-            "Linear memory of each plugin instance",
-            Unit::Bytes,
-            self.instance_memory.clone(),
-        );
-        r.register_with_unit(
-            "process_resident_memory",
-            "Resident memory of the host process",
-            Unit::Bytes,
-            self.resident_memory.clone(),
-        );
-        r.register("state_keys", "Keys of keyed state in each state partition", self.state_keys.clone());
-        r.register_with_unit(
-            "state",
-            "Bytes of keyed state and window panes in each state partition",
-            Unit::Bytes,
-            self.state_bytes.clone(),
-        );
-        r.register_with_unit(
-            "checkpoint_commit",
-            "Time of the checkpoint transaction that commits a batch",
-            Unit::Seconds,
-            self.checkpoint_commit_seconds.clone(),
-        );
-        r.register("upgrades", "Hot upgrades, by outcome", self.upgrades.clone());
-        r.register("plugin_build_info", "The plugin build the job runs (value 1)", self.build.clone());
-        r.register("task_retries", "Retries of failed plugin tasks, by failure kind", self.task_retries.clone());
-        r.register("task_failures", "Failed plugin calls, by failure kind", self.task_failures.clone());
-        r.register("rebalances", "Consumer-group assignment changes applied", self.rebalances.clone());
     }
 
     /// The OpenMetrics text of every metric.
@@ -242,12 +255,7 @@ impl Metrics {
 
     /// Counts a batch as its log line reports it.
     pub fn batch(&self, report: &BatchReport) {
-        let ending = match report.ending {
-            Ending::Committed => "committed",
-            Ending::Held => "held",
-            Ending::Fenced => "fenced",
-            Ending::RolledBack => "rolled_back",
-        };
+        let ending = report.ending.name();
         self.batches.get_or_create(&EndingLabel { ending, replayed: report.replayed }).inc();
         for (topic, counts) in &report.by_topic {
             let label = TopicLabel { topic: topic.clone() };
@@ -301,8 +309,7 @@ impl Metrics {
         self.checkpoint_commit_seconds.observe(took.as_secs_f64());
     }
 
-    /// An upgrade's outcome (`upgraded`, `rolled_back`, `refused`); an upgrade also changes
-    /// the running build.
+    /// An upgrade's outcome (`upgraded`, `rolled-back`, `refused`, `stopped`).
     pub fn upgrade(&self, outcome: &'static str) {
         self.upgrades.get_or_create(&OutcomeLabel { outcome }).inc();
     }

@@ -8,7 +8,7 @@ pub mod progress;
 pub mod summary;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -26,24 +26,34 @@ use crate::checkpoint::PluginRun;
 use crate::control::{Status, UpgradeOutcome};
 use crate::http::{Limits, Listener};
 use crate::offsets::TopicPartition;
-use crate::report::BatchReport;
+use crate::report::{BatchReport, RunSummary};
+use crate::runtime::{PluginIdentity, PluginKind};
 
-/// What the engine reports as it runs, for the metrics and the page.
+/// What the engine reports as it runs, for the metrics, the page and the admin endpoint's
+/// status.
 pub struct Observer {
     pub metrics: Metrics,
     board: Mutex<Board>,
     job: JobFacts,
+    /// Shared with the admin endpoint, which serves it.
     status: Arc<Mutex<Status>>,
 }
 
 impl Observer {
     /// An observer keeping the last `history` batches for the page.
-    pub fn new(job: JobFacts, status: Arc<Mutex<Status>>, history: usize) -> Observer {
-        let metrics = {
-            let status = status.lock().expect("not poisoned");
-            Metrics::new(&status.plugin, status.kind)
-        };
-        Observer { metrics, board: Mutex::new(Board::new(history)), job, status }
+    pub fn new(job: JobFacts, status: Status, history: usize) -> Observer {
+        let metrics = Metrics::new(&status.plugin, status.kind);
+        Observer { metrics, board: Mutex::new(Board::new(history)), job, status: Arc::new(Mutex::new(status)) }
+    }
+
+    /// The job's status, to read or change.
+    pub fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().expect("not poisoned")
+    }
+
+    /// The status, for the admin endpoint to serve.
+    pub fn status_handle(&self) -> Arc<Mutex<Status>> {
+        self.status.clone()
     }
 
     pub fn batch(&self, report: &BatchReport) {
@@ -52,13 +62,34 @@ impl Observer {
         board.batch(report);
         let rate = board.input_rate(self.job.batch_interval_ms);
         drop(board);
-        self.status.lock().expect("not poisoned").input_rate = rate;
+        let mut status = self.status();
+        status.last_batch = Some(report.batch_time);
+        status.input_rate = rate;
     }
 
-    /// What a partition has left after the batch just planned.
-    pub fn lag(&self, partition: &TopicPartition, lag: i64) {
-        self.metrics.lag(&partition.topic, partition.partition, lag);
-        self.board().lag(partition, lag);
+    /// What each partition has left after the batch just planned.
+    pub fn planned<'a>(&self, lags: impl IntoIterator<Item = (&'a TopicPartition, i64)>) {
+        let mut board = self.board();
+        for (partition, lag) in lags {
+            self.metrics.lag(&partition.topic, partition.partition, lag);
+            board.lag(partition, lag);
+        }
+        let total = board.lag_total();
+        drop(board);
+        self.status().lag = Some(total as i64);
+    }
+
+    /// The build the job runs now (switched to, or back to).
+    pub fn running(&self, plugin: &PluginIdentity, kind: PluginKind) {
+        self.metrics.running(plugin, kind);
+        let mut status = self.status();
+        status.plugin = plugin.clone();
+        status.kind = kind;
+    }
+
+    /// The run's totals so far.
+    pub fn totals(&self) -> RunSummary {
+        self.board().totals()
     }
 
     /// Records left behind the last planned batches, over every partition this host reads.
@@ -72,29 +103,25 @@ impl Observer {
         self.board().forget_partition(partition);
     }
 
+    /// Whether the lineage's newest build is `build`.
+    pub fn lineage_ends_with(&self, build: &str) -> bool {
+        self.board().lineage_ends_with(build)
+    }
+
     /// The builds the checkpoint has run, oldest first.
     pub fn lineage(&self, runs: &[PluginRun]) {
         self.board().lineage(runs);
     }
 
-    /// How an upgrade ended (the running build is reported by the status).
+    /// How an upgrade ended.
     pub fn upgrade(&self, outcome: &UpgradeOutcome) {
-        let label = match outcome {
-            UpgradeOutcome::Upgraded { .. } => "upgraded",
-            UpgradeOutcome::RolledBack { .. } => "rolled_back",
-            UpgradeOutcome::Refused { .. } => "refused",
-            UpgradeOutcome::Stopped { .. } => "stopped",
-        };
-        self.metrics.upgrade(label);
-        let status = self.status.lock().expect("not poisoned");
-        self.metrics.running(&status.plugin, status.kind);
-        drop(status);
+        self.metrics.upgrade(outcome.name());
         self.board().upgrade(now_ms(), outcome);
     }
 
     /// The Streaming page's data.
     pub fn streaming_json(&self) -> serde_json::Value {
-        let status = self.status.lock().expect("not poisoned").clone();
+        let status = self.status().clone();
         self.board().to_json(&self.job, &status)
     }
 
