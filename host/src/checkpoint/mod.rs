@@ -109,6 +109,18 @@ pub struct PluginRun {
 
 impl PluginRun {
     /// A run of `plugin` with `config` on `member` starting (and so far ending) at `batch`.
+    /// The build that ran.
+    pub fn identity(&self) -> PluginIdentity {
+        PluginIdentity {
+            info: crate::runtime::PluginInfo {
+                name: self.name.clone(),
+                version: self.version.clone(),
+                state_schema_version: self.state_schema_version,
+            },
+            digest: self.digest.clone(),
+        }
+    }
+
     pub fn of(plugin: &PluginIdentity, config: &[(String, String)], member: &str, batch: i64) -> PluginRun {
         PluginRun {
             name: plugin.info.name.clone(),
@@ -429,7 +441,7 @@ impl Checkpoint {
     /// in pieces). After this returns the batches are done; a crash before it replays them.
     pub fn commit(&self, batches: &[BatchCommit<'_>], pending: &[PendingBatch]) -> Result<()> {
         let txn = self.db.begin_write()?;
-        let mut sizes = sizes::SizeChanges::default();
+        let mut sizes = self.sizes.changes();
         for batch in batches {
             self.write_batch(&txn, batch, &mut sizes)?;
         }

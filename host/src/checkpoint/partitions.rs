@@ -7,7 +7,6 @@ use anyhow::{Context as _, Result};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::sizes::SizeChanges;
 use super::{Checkpoint, CheckpointView, PANES, STATE, StoredState, TOUCHED, WINDOWS, state_partition};
 use crate::offsets::TopicPartition;
 
@@ -98,7 +97,7 @@ impl Checkpoint {
     /// or removed) with the meta its marker carried, in one transaction.
     pub fn restore_partition(&self, partition: u32, writes: &[PartitionWrite], meta: &PartitionMeta) -> Result<()> {
         let txn = self.db.begin_write()?;
-        let mut sizes = SizeChanges::default();
+        let mut sizes = self.sizes.changes();
         let partitions = self.state_partitions;
         {
             let mut state = txn.open_table(STATE)?;
