@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 
 /// What one listener lets a client do.
@@ -50,11 +50,18 @@ pub struct Listener {
 impl Listener {
     /// Binds `address` and serves `router` on the current tokio runtime.
     pub fn start(address: SocketAddr, router: Router, limits: Limits) -> Result<Listener> {
-        let std_listener =
-            std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))?;
-        std_listener.set_nonblocking(true)?;
-        let address = std_listener.local_addr()?;
-        let listener = TcpListener::from_std(std_listener).context("cannot serve HTTP on the job's runtime")?;
+        let socket = match address {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .context("cannot open a listening socket")?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(address).with_context(|| format!("cannot listen on {address}"))?;
+        // A burst of as many connections as are served at once waits in the accept queue
+        // rather than in SYN retries of a second or more (std's default backlog is 128).
+        let backlog = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        let listener = socket.listen(backlog).context("cannot serve HTTP on the job's runtime")?;
+        let address = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(listener, router, limits, stopped));
         Ok(Listener { address, stop })
