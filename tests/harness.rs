@@ -700,11 +700,41 @@ pub fn owned(running: &mut Running) -> BTreeSet<String> {
     owned
 }
 
-/// Records `running` (a member named `host-N`) has processed so far, from its batch log lines.
+/// A batch as its log line reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedBatch {
+    pub time: i64,
+    pub records_in: u64,
+    pub outputs: u64,
+    pub rejected: u64,
+    /// Given up uncommitted (fenced or rolled back): its ranges run again elsewhere.
+    pub abandoned: bool,
+    /// Non-empty ranges, as `topic:partition [from, until)`.
+    pub ranges: Vec<String>,
+}
+
+/// Every batch line of `log`.
+pub fn logged_batches(log: &[String]) -> Vec<LoggedBatch> {
+    let line =
+        regex::Regex::new(r"batch (\d+) ms on \S+(?: \(([^)]*)\))?: (\d+) in, (\d+) out, (\d+) rejected.*; ([^;]*)$")
+            .unwrap();
+    let range = regex::Regex::new(r"[\w.-]+:\d+ \[\d+, \d+\)").unwrap();
+    log.iter()
+        .filter_map(|l| line.captures(l))
+        .map(|c| LoggedBatch {
+            time: c[1].parse().unwrap(),
+            abandoned: c.get(2).is_some_and(|outcome| outcome.as_str().starts_with("abandoned")),
+            records_in: c[3].parse().unwrap(),
+            outputs: c[4].parse().unwrap(),
+            rejected: c[5].parse().unwrap(),
+            ranges: range.find_iter(&c[6]).map(|m| m.as_str().to_string()).collect(),
+        })
+        .collect()
+}
+
+/// Records `running` has processed so far, from its batch log lines.
 pub fn records_in(running: &mut Running) -> usize {
-    running.drain();
-    let batch = regex::Regex::new(r"^.*batch \d+ ms on host-\d+[^:]*: (\d+) in").unwrap();
-    running.seen.iter().filter_map(|line| batch.captures(line)).map(|c| c[1].parse::<usize>().unwrap()).sum()
+    logged_batches(running.drain_log()).iter().map(|batch| batch.records_in as usize).sum()
 }
 
 /// Waits until `done` holds, checking every 100 ms, for two minutes at most.

@@ -12,7 +12,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use crate::harness::{
-    BrokerProcess, Input, Running, consume, etl_case, host, offsets, produce, run_host, unique, upgrade_in_background,
+    BrokerProcess, Input, LoggedBatch, Running, consume, etl_case, host, logged_batches, offsets, produce, run_host,
+    unique, upgrade_in_background,
 };
 use crate::stateful::{Seeded, count, lines};
 
@@ -44,33 +45,6 @@ impl Scrape {
     fn kind(&self, family: &str) -> &str {
         self.0[family]["type"].as_str().unwrap()
     }
-}
-
-/// A batch as its log line reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LoggedBatch {
-    time: i64,
-    records_in: u64,
-    outputs: u64,
-    rejected: u64,
-    /// Non-empty ranges, as `topic:partition [from, until)`.
-    ranges: Vec<String>,
-}
-
-fn logged_batches(log: &[String]) -> Vec<LoggedBatch> {
-    let line =
-        Regex::new(r"batch (\d+) ms on \S+(?: \([^)]*\))?: (\d+) in, (\d+) out, (\d+) rejected.*; ([^;]*)$").unwrap();
-    let range = Regex::new(r"[\w.-]+:\d+ \[\d+, \d+\)").unwrap();
-    log.iter()
-        .filter_map(|l| line.captures(l))
-        .map(|c| LoggedBatch {
-            time: c[1].parse().unwrap(),
-            records_in: c[2].parse().unwrap(),
-            outputs: c[3].parse().unwrap(),
-            rejected: c[4].parse().unwrap(),
-            ranges: range.find_iter(&c[5]).map(|m| m.as_str().to_string()).collect(),
-        })
-        .collect()
 }
 
 /// The address `--metrics-address 127.0.0.1:0` ended up on, from the job's log.
@@ -110,6 +84,10 @@ fn metrics_and_the_streaming_page_show_what_the_log_and_independent_clients_see(
     let mut running = Running::start(etl_job(&broker.brokers, &topic, &output, &dead, dir.path()));
     let address = metrics_address(&mut running);
     wait_caught_up(&broker.brokers, &topic, "monitoring");
+    // A new checkpoint's first build is the lineage from its first batch on.
+    let before = open_page(&address);
+    assert_eq!(before["lineage"].as_array().unwrap().len(), 1, "{}", before["lineage"]);
+    assert!(before["lineage"][0].as_str().unwrap().starts_with("etl 0.1.0"), "{}", before["lineage"]);
     // The new build's probation needs batches with records: they arrive while it waits.
     let upgrading = upgrade_in_background(sluice_plugin_artifacts::ETL_V2, dir.path(), &[]);
     running.wait_for("switching from etl 0.1.0");

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::harness::{
-    BrokerProcess, Input, Running, TansuBroker, consume, host, offsets, owned, produce, produce_one_by_one, records_in,
-    run_host, unique, upgrade, wait_until,
+    BrokerProcess, Input, LoggedBatch, Running, TansuBroker, consume, host, logged_batches, offsets, owned, produce,
+    produce_one_by_one, records_in, run_host, unique, upgrade, wait_until,
 };
 use crate::stateful::{Seeded, count, word_counts};
 
@@ -156,25 +156,23 @@ fn final_totals(brokers: &str, output: &str, expected: &BTreeMap<String, u64>) -
 
 #[test]
 fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_leaves() {
-    let (topic, output, group) = (unique("words"), unique("counts"), unique("wc"));
-    let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
-    let broker = BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, 6), (&changelog, 6)]);
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start("counts", "wc");
+    let Cluster { broker, topic, output, group, shuffle, dir, seed } = &cluster;
+    let (topic, group, seed) = (topic.as_str(), group.as_str(), *seed);
     // A commit refused while the group rebalances under load is given up (fenced) after
     // --broker-timeout: 10 s keeps the many rebalances of this test short.
     let job = |n: usize| {
-        let mut command = word_count_host(&broker.brokers, &topic, &output, &group, n, dir.path());
+        let mut command = word_count_host(&broker.brokers, topic, output, group, n, dir.path());
         command.args(["--broker-timeout", "10s"]);
         command
     };
-    let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
     let inputs = lines(0, 60_000, seed);
     let chunk = |from: usize, until: usize| &inputs[from..until];
 
     // One host alone: the in-process shuffle, its state in its checkpoint only.
-    produce(&broker.brokers, &topic, chunk(0, 12_000));
+    produce(&broker.brokers, topic, chunk(0, 12_000));
     let mut hosts: BTreeMap<usize, Running> = BTreeMap::from([(1, Running::start(job(1)))]);
-    wait_until("host-1 has counted the first lines", || caught_up(&broker.brokers, &topic, &group));
+    wait_until("host-1 has counted the first lines", || caught_up(&broker.brokers, topic, group));
 
     // Two more join: host-1 publishes its state and hands partitions over.
     for n in [2, 3] {
@@ -182,31 +180,31 @@ fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_le
     }
     // (The assignor balances partitions over both topics: a host may run one stage only.)
     wait_until("the three hosts share the work", || hosts.values_mut().all(|host| !owned(host).is_empty()));
-    produce(&broker.brokers, &topic, chunk(12_000, 30_000));
+    produce(&broker.brokers, topic, chunk(12_000, 30_000));
 
     // One dies mid-run, at a seeded moment; a fresh host joins.
     let victim = 2 + (seed % 2) as usize;
     let counted = records_in(hosts.get_mut(&victim).unwrap());
     let threshold = counted + 500 + (seed as usize * 977) % 3_000;
     wait_until("the victim has counted more", || {
-        records_in(hosts.get_mut(&victim).unwrap()) >= threshold || caught_up(&broker.brokers, &topic, &group)
+        records_in(hosts.get_mut(&victim).unwrap()) >= threshold || caught_up(&broker.brokers, topic, group)
     });
     let killed = hosts.remove(&victim).unwrap().kill();
     hosts.insert(4, Running::start(job(4)));
-    produce(&broker.brokers, &topic, chunk(30_000, 45_000));
+    produce(&broker.brokers, topic, chunk(30_000, 45_000));
 
     // The first host leaves gracefully.
     wait_until("host-4 has joined", || !owned(hosts.get_mut(&4).unwrap()).is_empty());
     let left = hosts.remove(&1).unwrap().stop();
-    produce(&broker.brokers, &topic, chunk(45_000, 60_000));
+    produce(&broker.brokers, topic, chunk(45_000, 60_000));
 
     wait_for_hosts(
         &mut hosts,
         "the input and the shuffle are committed to their ends",
-        |_| caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
-        || format!("{:?}\n{:?}", offsets(&broker.brokers, &topic, &group), offsets(&broker.brokers, &shuffle, &group)),
+        |_| cluster.caught_up(),
+        || format!("{:?}\n{:?}", offsets(&broker.brokers, topic, group), offsets(&broker.brokers, shuffle, group)),
     );
-    let owners = state_owners(&mut hosts, &shuffle);
+    let owners = state_owners(&mut hosts, shuffle);
     assert_eq!(owners.len() as u32, STATE_PARTITIONS, "every state partition has an owner: {owners:?}");
     let mut logs = vec![killed, left];
     for (_, host) in std::mem::take(&mut hosts) {
@@ -226,7 +224,7 @@ fn word_count_on_several_hosts_counts_every_word_once_through_joins_kills_and_le
             .filter(|line| line.contains("restored") || line.contains("published"))
             .collect::<Vec<_>>()
     );
-    assert_eq!(final_totals(&broker.brokers, &output, &expected), expected, "final totals in the outputs");
+    assert_eq!(final_totals(&broker.brokers, output, &expected), expected, "final totals in the outputs");
     // The hand-overs happened through the changelog.
     let all: Vec<&String> = logs.iter().flatten().collect();
     assert!(all.iter().any(|line| line.contains("published state partitions")), "host-1 published its state");
@@ -383,8 +381,7 @@ fn windowed_host(brokers: &str, topic: &str, output: &str, group: &str, n: usize
 /// committed batches the hosts logged and the batch a killed host left in its checkpoint
 /// (committed to the group or not: only where no logged batch starts is it the one that
 /// counted).
-fn batch_ranges(logs: &[Vec<String>], killed_dir: &Path) -> BTreeMap<i32, Vec<(i64, i64, i64, bool)>> {
-    let batch = regex::Regex::new(r"batch (\d+) ms on \S+(?: \(replayed\))?: .*; ([^;]*)$").unwrap();
+fn batch_ranges(batches: &[LoggedBatch], killed_dir: &Path) -> BTreeMap<i32, Vec<(i64, i64, i64, bool)>> {
     let range = regex::Regex::new(r"[\w.-]+:(\d+) \[(\d+), (\d+)\)").unwrap();
     let mut ranges: BTreeMap<i32, Vec<(i64, i64, i64, bool)>> = BTreeMap::new();
     let mut add = |time: i64, text: &str, logged: bool| {
@@ -394,10 +391,8 @@ fn batch_ranges(logs: &[Vec<String>], killed_dir: &Path) -> BTreeMap<i32, Vec<(i
             ranges.entry(partition).or_default().push((from, until, time, logged));
         }
     };
-    for line in logs.iter().flatten().filter(|line| !line.contains("(abandoned")) {
-        if let Some(found) = batch.captures(line) {
-            add(found[1].parse().unwrap(), &found[2], true);
-        }
+    for batch in batches.iter().filter(|batch| !batch.abandoned) {
+        add(batch.time, &batch.ranges.join(", "), true);
     }
     let inspect = run_host(host().args(["checkpoint", "inspect"]).arg(killed_dir), LIMIT).stdout();
     let interrupted = regex::Regex::new(r"interrupted batch: (\d+) ms, [^:]*: (.*)").unwrap();
@@ -405,6 +400,44 @@ fn batch_ranges(logs: &[Vec<String>], killed_dir: &Path) -> BTreeMap<i32, Vec<(i
         add(found[1].parse().unwrap(), &found[2], false);
     }
     ranges
+}
+
+/// Sends `inputs` in chunks of 300, a quarter second apart, so batches and windows differ.
+fn produce_slowly(brokers: &str, topic: &str, inputs: &[Input]) {
+    for chunk in inputs.chunks(300) {
+        produce(brokers, topic, chunk);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The cluster of a multi-host test: `topic` with 12 partitions, `output` with 4, and the
+/// job's shuffle and changelog over [`STATE_PARTITIONS`]; the hosts' checkpoints under `dir`;
+/// the seed (`SLUICE_TEST_SEED`, else 18) of the test's input and moments.
+struct Cluster {
+    broker: BrokerProcess,
+    topic: String,
+    output: String,
+    group: String,
+    shuffle: String,
+    dir: tempfile::TempDir,
+    seed: u64,
+}
+
+impl Cluster {
+    fn start(output: &str, group: &str) -> Cluster {
+        let (topic, output, group) = (unique("words"), unique(output), unique(group));
+        let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
+        let partitions = STATE_PARTITIONS as i32;
+        let broker =
+            BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, partitions), (&changelog, partitions)]);
+        let seed = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
+        Cluster { broker, topic, output, group, shuffle, dir: tempfile::tempdir().unwrap(), seed }
+    }
+
+    fn caught_up(&self) -> bool {
+        caught_up(&self.broker.brokers, &self.topic, &self.group)
+            && caught_up(&self.broker.brokers, &self.shuffle, &self.group)
+    }
 }
 
 /// Every `(word, window end) → count` a brute force computes: each record in the pane of the
@@ -452,12 +485,10 @@ fn brute_force_windows(
 
 #[test]
 fn windowed_counts_on_several_hosts_equal_a_brute_force_computation_through_kills_joins_and_leaves() {
-    let (topic, output, group) = (unique("words"), unique("windows"), unique("wwc"));
-    let (shuffle, changelog) = (format!("{group}-shuffle"), format!("{group}-changelog"));
-    let broker = BrokerProcess::start(&[(&topic, 12), (&output, 4), (&shuffle, 6), (&changelog, 6)]);
-    let dir = tempfile::tempdir().unwrap();
-    let job = |n: usize| windowed_host(&broker.brokers, &topic, &output, &group, n, dir.path());
-    let seed: u64 = std::env::var("SLUICE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(18);
+    let cluster = Cluster::start("windows", "wwc");
+    let Cluster { broker, topic, output, group, seed, .. } = &cluster;
+    let seed = *seed;
+    let job = |n: usize| windowed_host(&broker.brokers, topic, output, group, n, cluster.dir.path());
     // Words from a small vocabulary, so every window holds many counts of each.
     let mut random = Seeded(seed);
     let inputs: Vec<Input> = (0..9_000)
@@ -470,34 +501,23 @@ fn windowed_counts_on_several_hosts_equal_a_brute_force_computation_through_kill
     for input in &inputs {
         by_partition.entry(input.partition).or_default().push(input.value.clone());
     }
-    // Input arrives over time, so batches and windows differ.
-    let produce_slowly = |from: usize, until: usize| {
-        for chunk in inputs[from..until].chunks(300) {
-            produce(&broker.brokers, &topic, chunk);
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
+    let arrive = |from: usize, until: usize| produce_slowly(&broker.brokers, topic, &inputs[from..until]);
 
     let mut hosts: BTreeMap<usize, Running> = BTreeMap::from([(1, Running::start(job(1)))]);
-    produce_slowly(0, 1_500);
+    arrive(0, 1_500);
     for n in [2, 3] {
         hosts.insert(n, Running::start(job(n)));
     }
     let sharing = |hosts: &mut BTreeMap<usize, Running>| hosts.values_mut().all(|host| !owned(host).is_empty());
     wait_for_hosts(&mut hosts, "the three hosts share the work", sharing, String::new);
-    produce_slowly(1_500, 4_500);
+    arrive(1_500, 4_500);
 
     // One dies at a seeded moment under load; a fresh host joins; the first leaves.
     let victim = 2 + (seed % 2) as usize;
     let threshold = records_in(hosts.get_mut(&victim).unwrap()) + 100 + (seed as usize * 977) % 600;
     let producer = {
         let (brokers, topic, rest) = (broker.brokers.clone(), topic.clone(), inputs[4_500..6_000].to_vec());
-        std::thread::spawn(move || {
-            for chunk in rest.chunks(300) {
-                produce(&brokers, &topic, chunk);
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        })
+        std::thread::spawn(move || produce_slowly(&brokers, &topic, &rest))
     };
     wait_until("the victim has counted more", || {
         records_in(hosts.get_mut(&victim).unwrap()) >= threshold || producer.is_finished()
@@ -507,28 +527,21 @@ fn windowed_counts_on_several_hosts_equal_a_brute_force_computation_through_kill
     hosts.insert(4, Running::start(job(4)));
     wait_until("host-4 has joined", || !owned(hosts.get_mut(&4).unwrap()).is_empty());
     let left = hosts.remove(&1).unwrap().stop();
-    produce_slowly(6_000, 9_000);
+    arrive(6_000, 9_000);
 
     wait_for_hosts(
         &mut hosts,
         "the input and the shuffle are committed to their ends",
-        |_| caught_up(&broker.brokers, &topic, &group) && caught_up(&broker.brokers, &shuffle, &group),
-        || format!("{:?}", offsets(&broker.brokers, &topic, &group)),
+        |_| cluster.caught_up(),
+        || format!("{:?}", offsets(&broker.brokers, topic, group)),
     );
     let mut logs = vec![killed, left];
-    let last_pane = |logs: &[Vec<String>], hosts: &mut BTreeMap<usize, Running>| {
-        let mut all: Vec<Vec<String>> = logs.to_vec();
-        all.extend(hosts.values_mut().map(|host| host.drain_log().to_vec()));
-        let batch = regex::Regex::new(r"batch (\d+) ms on \S+[^:]*: ([1-9]\d*) in").unwrap();
-        all.iter()
-            .flatten()
-            .filter_map(|line| batch.captures(line))
-            .map(|c| c[1].parse::<i64>().unwrap())
-            .max()
-            .unwrap()
-    };
+    let batches = |logs: &[Vec<String>]| logged_batches(&logs.concat());
+    let mut running: Vec<Vec<String>> = logs.clone();
+    running.extend(hosts.values_mut().map(|host| host.drain_log().to_vec()));
+    let last_pane = batches(&running).iter().filter(|b| b.records_in > 0).map(|b| b.time).max().unwrap();
     // The last window that holds the last pane.
-    let last_end = (last_pane(&logs, &mut hosts) + 2_000 - 1).div_euclid(1_000) * 1_000;
+    let last_end = (last_pane + 2_000 - 1).div_euclid(1_000) * 1_000;
     let emitted = |output: &str| -> BTreeMap<(String, i64), Vec<u64>> {
         let mut windows: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
         for record in consume(&broker.brokers, output) {
@@ -542,17 +555,18 @@ fn windowed_counts_on_several_hosts_equal_a_brute_force_computation_through_kill
     wait_for_hosts(
         &mut hosts,
         "the last windows are emitted",
-        |_| emitted(&output).keys().any(|(_, end)| *end >= last_end),
+        |_| emitted(output).keys().any(|(_, end)| *end >= last_end),
         || format!("waiting for window end {last_end}"),
     );
-    let killed_dir = dir.path().join(format!("host-{victim}"));
+    let killed_dir = cluster.dir.path().join(format!("host-{victim}"));
     for (_, host) in std::mem::take(&mut hosts) {
         logs.push(host.stop());
     }
 
-    let expected = brute_force_windows(&by_partition, &batch_ranges(&logs, &killed_dir), 2_000, 1_000, last_end);
+    let expected =
+        brute_force_windows(&by_partition, &batch_ranges(&batches(&logs), &killed_dir), 2_000, 1_000, last_end);
     let mut observed = BTreeMap::new();
-    for ((word, end), counts) in emitted(&output).into_iter().filter(|((_, end), _)| *end <= last_end) {
+    for ((word, end), counts) in emitted(output).into_iter().filter(|((_, end), _)| *end <= last_end) {
         // A slide emitted again after its owner died is the same result again.
         assert!(counts.iter().all(|n| *n == counts[0]), "window {end} of {word} emitted as {counts:?}");
         observed.insert((word, end), counts[0]);
